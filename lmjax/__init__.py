@@ -1,0 +1,3 @@
+"""lmjax: a JAX/Flax research codebase for language models."""
+
+__version__ = "0.1.0"

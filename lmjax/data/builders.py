@@ -1,0 +1,106 @@
+"""tfds builders that prepare offline from `manual_dir`, stored as array_record.
+
+Preparing needs TensorFlow (tfds writes tf.train.Example records); reading goes
+through `tfds.data_source`, which does not import TensorFlow, so training does not.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from lmjax.registry import Registry
+
+DATA_DIR_ENV = "LMJAX_DATA_DIR"
+TFDS_DIR_ENV = "LMJAX_TFDS_DIR"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+BUILDERS: Registry[type] = Registry("tfds builder")
+
+
+class MissingDataError(FileNotFoundError):
+    """Raised when a dataset is neither prepared nor available to prepare offline."""
+
+
+class _LocalFile:
+    """Stands in for tfds's download manager: `download(url)` returns a local file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def download(self, url: str) -> str:
+        del url
+        return os.fspath(self.path)
+
+
+@BUILDERS.register("tiny_shakespeare")
+class TinyShakespeare(tfds.builder_cls("tiny_shakespeare"), skip_registration=True):
+    """tfds's `tiny_shakespeare` (90/5/5 character split), preparable from `manual_dir`.
+
+    train is nanoGPT's train split; validation + test together are nanoGPT's val split.
+    """
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Place Tiny Shakespeare's input.txt in the manual directory "
+        f"(lmjax uses $${DATA_DIR_ENV}/tinyshakespeare/input.txt)."
+    )
+    MANUAL_FILE = "input.txt"
+    SHA256 = TINY_SHAKESPEARE_SHA256
+
+    def _split_generators(self, dl_manager):
+        manual = getattr(self, "_lmjax_manual_file", None)
+        if manual is not None:
+            return super()._split_generators(_LocalFile(manual))
+        return super()._split_generators(dl_manager)  # downloads when online
+
+
+def default_tfds_dir() -> str:
+    return os.environ.get(TFDS_DIR_ENV) or os.path.expanduser("~/tensorflow_datasets")
+
+
+def default_manual_dir(name: str) -> Path | None:
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) / name.replace("_", "") if root else None
+
+
+def _check_manual_file(builder_cls: type, manual_dir: Path) -> Path:
+    path = manual_dir / builder_cls.MANUAL_FILE
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != builder_cls.SHA256:
+        raise MissingDataError(
+            f"{path} has sha256 {digest}, expected {builder_cls.SHA256}; replace it with the "
+            "original file"
+        )
+    return path
+
+
+def prepare(name: str, tfds_dir: str | None = None, manual_dir: str | None = None):
+    """Returns a prepared builder, preparing it from `manual_dir` (or by download) if needed."""
+    builder_cls = BUILDERS.get(name)
+    builder = builder_cls(data_dir=tfds_dir or default_tfds_dir(), file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    manual = Path(manual_dir) if manual_dir else default_manual_dir(name)
+    if manual is not None and (manual / builder_cls.MANUAL_FILE).exists():
+        builder._lmjax_manual_file = _check_manual_file(builder_cls, manual)
+        builder.download_and_prepare()
+        return builder
+    where = manual / builder_cls.MANUAL_FILE if manual else f"$${DATA_DIR_ENV}/..."
+    try:
+        builder.download_and_prepare()
+    except Exception as err:  # offline machines fail here with a network error
+        raise MissingDataError(
+            f"dataset {name!r} is not prepared in {builder.data_dir} and could not be "
+            f"downloaded ({type(err).__name__}). Put {builder_cls.MANUAL_FILE} at {where}: set "
+            f"{DATA_DIR_ENV} to the folder holding {name.replace('_', '')}/"
+            f"{builder_cls.MANUAL_FILE} (tfds manual_dir)."
+        ) from err
+    return builder
+
+
+def read_text(name: str, split: str, tfds_dir: str | None = None) -> str:
+    """The text of a split of a prepared single-document dataset, read without TensorFlow."""
+    source = tfds.data_source(name, split=split, data_dir=tfds_dir or default_tfds_dir(),
+                              download=False, builder_kwargs={"file_format": "array_record"})
+    return "".join(source[i]["text"].decode("utf-8") for i in range(len(source)))

@@ -1,0 +1,86 @@
+"""Gin-configurable entry points: the only module where gin touches the library.
+
+Binding names here are a contract used by configs and checks: `train.num_steps`,
+`train.batch_size`, `train.learning_rate`, `mesh.data`, `mesh.fsdp`, `mesh.tensor`, ...
+"""
+
+import dataclasses
+import os
+
+import gin
+
+from lmjax.data.pipelines import LMData, load_lm_data
+from lmjax.models import GPTConfig
+from lmjax.parallel import RULES, make_mesh
+from lmjax.train import trainer
+
+gin.external_configurable(GPTConfig, "GPTConfig")
+
+
+@gin.configurable
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, rules: str = "fsdp_tensor"):
+    """The device mesh (-1: the rest of the devices) and the logical-axis rule table."""
+    return make_mesh(data, fsdp, tensor), RULES.get(rules)
+
+
+@gin.configurable
+def dataset(
+    name: str = "tiny_shakespeare",
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    tfds_dir: str | None = None,
+    manual_dir: str | None = None,
+    workdir: str | None = None,
+) -> LMData:
+    """Token streams of a tfds dataset; the tokenizer is saved to (or loaded from) workdir."""
+    return load_lm_data(name, tokenizer=tokenizer, vocab_size=vocab_size, tfds_dir=tfds_dir,
+                        manual_dir=manual_dir, tokenizer_dir=_tokenizer_dir(workdir))
+
+
+def _tokenizer_dir(workdir: str | None) -> str | None:
+    return os.path.join(workdir, "tokenizer") if workdir else None
+
+
+_DEFAULT = trainer.TrainConfig()
+
+
+@gin.configurable(denylist=["workdir", "on_ready", "runner"])
+def train(
+    workdir: str,
+    model: GPTConfig = gin.REQUIRED,
+    *,
+    num_steps: int = _DEFAULT.num_steps,
+    batch_size: int = _DEFAULT.batch_size,
+    learning_rate: float = _DEFAULT.learning_rate,
+    min_lr: float = _DEFAULT.min_lr,
+    warmup_steps: int = _DEFAULT.warmup_steps,
+    decay_steps: int | None = _DEFAULT.decay_steps,
+    beta1: float = _DEFAULT.beta1,
+    beta2: float = _DEFAULT.beta2,
+    weight_decay: float = _DEFAULT.weight_decay,
+    grad_clip: float = _DEFAULT.grad_clip,
+    microbatches: int = _DEFAULT.microbatches,
+    log_every: int = _DEFAULT.log_every,
+    eval_every: int = _DEFAULT.eval_every,
+    eval_batches: int = _DEFAULT.eval_batches,
+    eval_batch_size: int | None = _DEFAULT.eval_batch_size,
+    checkpoint_every: int = _DEFAULT.checkpoint_every,
+    keep_checkpoints: int = _DEFAULT.keep_checkpoints,
+    seed: int = _DEFAULT.seed,
+    on_ready=None,
+    runner=trainer.train,
+):
+    """Trains `model` on `dataset()` on `mesh()`; see TrainConfig for the fields.
+
+    The fields are spelled out (not **kwargs) so gin rejects misspelled bindings. This
+    configurable describes the whole run; `eval` and `sample` pass another `runner` that
+    receives the same arguments, so they rebuild exactly the model that was trained.
+    """
+    values = locals()
+    config = trainer.TrainConfig(**{f.name: values[f.name] for f in
+                                    dataclasses.fields(trainer.TrainConfig)})
+    data = dataset(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
+    device_mesh, rules = mesh()
+    return runner(workdir=workdir, model_config=model, data=data, config=config,
+                  mesh=device_mesh, rules=rules, on_ready=on_ready)

@@ -1,0 +1,139 @@
+"""Building blocks shared by the model families: attention, MLPs, norms, positions.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`);
+activations are constrained with `nn.with_logical_constraint` at block boundaries.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+
+
+def init(std: float, names: tuple[str | None, ...]):
+    """A normal(std) initialiser that tags the parameter with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def zeros(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones(names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class Dense(nn.Module):
+    """x @ kernel contracting the last `in_axes` axes of x; kernel shape (in..., out...).
+
+    flax's DenseGeneral initialises a flattened kernel and reshapes it, which loses
+    logical axis names of multi-axis kernels such as (embed, 3, heads, head_dim).
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical names of the kernel's axes
+    std: float = 0.02
+    in_axes: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape[-self.in_axes :] + tuple(self.features)
+        kernel = self.param("kernel", init(self.std, self.names), shape)
+        contract = tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", zeros(self.names[self.in_axes :]), self.features)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def norm(kind: str, use_bias: bool, dtype: Dtype, name: str) -> nn.Module:
+    """LayerNorm (nanoGPT: eps 1e-5, optional bias) or RMSNorm."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-5, dtype=dtype, scale_init=ones(("norm",)), name=name)
+    if kind == "layernorm":
+        return nn.LayerNorm(
+            epsilon=1e-5, use_bias=use_bias, dtype=dtype,
+            scale_init=ones(("norm",)), bias_init=zeros(("norm",)), name=name,
+        )
+    raise ValueError(f"unknown norm {kind!r}; use 'layernorm' or 'rmsnorm'")
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + head_dim/2).
+
+    x: (batch, length, heads, head_dim); positions: (batch, length).
+    """
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * freqs  # (batch, length, 1, half)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through `jax.nn.dot_product_attention`."""
+
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    dropout: float = 0.0
+    use_bias: bool = True
+    rope: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        embed = x.shape[-1]
+        qkv = Dense(
+            (3, self.num_heads, self.head_dim), ("embed", None, "heads", "head_dim"),
+            use_bias=self.use_bias, dtype=self.dtype, name="qkv",
+        )(x)  # (batch, length, 3, heads, head_dim)
+        q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "act_heads", None)) for i in range(3))
+        if self.rope:
+            q, k = rotary(q, positions), rotary(k, positions)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (batch, length, heads, head_dim)
+        # nanoGPT's scaled init for residual projections: 0.02 / sqrt(2 * layers).
+        y = Dense(
+            (embed,), ("heads", "head_dim", "embed"), 0.02 / (2 * self.num_layers) ** 0.5,
+            in_axes=2, use_bias=self.use_bias, dtype=self.dtype, name="out",
+        )(y)
+        return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    """GELU MLP (nanoGPT) or SwiGLU (Shazeer 2020)."""
+
+    hidden: int
+    num_layers: int
+    kind: str = "gelu"
+    dropout: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    def _dense(self, features: int, names, std: float, name: str) -> Dense:
+        return Dense((features,), names, std, use_bias=self.use_bias, dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        embed = x.shape[-1]
+        up = self._dense(self.hidden, ("embed", "mlp"), 0.02, "up")(x)
+        if self.kind == "gelu":
+            h = nn.gelu(up, approximate=False)
+        elif self.kind == "swiglu":
+            h = nn.silu(self._dense(self.hidden, ("embed", "mlp"), 0.02, "gate")(x)) * up
+        else:
+            raise ValueError(f"unknown mlp {self.kind!r}; use 'gelu' or 'swiglu'")
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        std = 0.02 / (2 * self.num_layers) ** 0.5
+        y = self._dense(embed, ("mlp", "embed"), std, "down")(h)
+        return nn.Dropout(self.dropout)(y, deterministic=deterministic)

@@ -1,0 +1,115 @@
+"""Decoder-only Transformer LM with nanoGPT's architecture and common options."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lmjax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of the GPT family; defaults are nanoGPT's shakespeare_char GPU config."""
+
+    vocab_size: int = 65
+    block_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 6
+    embed_dim: int = 384
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    use_bias: bool = True
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp: str = "gelu"  # or "swiglu"
+    position: str = "learned"  # or "rope"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False
+    # The embedding is padded to a multiple of this (nanoGPT pads 50257 -> 50304) so
+    # the vocabulary divides any tensor-parallel degree; padded logits are masked out.
+    vocab_multiple: int = 64
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.position not in ("learned", "rope"):
+            raise ValueError(f"unknown position {self.position!r}; use 'learned' or 'rope'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        c = self.config
+        norm = functools.partial(layers.norm, c.norm, c.use_bias, c.compute_dtype)
+        x = x + layers.CausalSelfAttention(
+            c.num_heads, c.head_dim, c.num_layers, c.dropout, c.use_bias,
+            c.position == "rope", c.compute_dtype, name="attn",
+        )(norm("norm1")(x), positions, deterministic)
+        x = x + layers.Mlp(
+            c.mlp_ratio * c.embed_dim, c.num_layers, c.mlp, c.dropout, c.use_bias,
+            c.compute_dtype, name="mlp",
+        )(norm("norm2")(x), deterministic)
+        return layers.constrain(x, ("batch", "length", "act_embed"))
+
+
+class GPT(nn.Module):
+    """tokens (batch, length) int -> logits (batch, length, padded_vocab) float32.
+
+    Logits of padding entries beyond `vocab_size` are -inf-like, so losses and sampling
+    see exactly `vocab_size` classes.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        c = self.config
+        _, length = tokens.shape
+        if length > c.block_size:
+            raise ValueError(f"sequence length {length} exceeds block_size {c.block_size}")
+        wte = nn.Embed(
+            c.padded_vocab, c.embed_dim, dtype=c.compute_dtype,
+            embedding_init=layers.init(0.02, ("vocab", "embed")), name="wte",
+        )
+        positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+        x = wte(tokens)
+        if c.position == "learned":
+            wpe = self.param("wpe", layers.init(0.02, ("position", "embed")),
+                             (c.block_size, c.embed_dim))
+            x = x + wpe[:length].astype(c.compute_dtype)
+        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        x = layers.constrain(x, ("batch", "length", "act_embed"))
+        block = nn.remat(Block, static_argnums=(3,)) if c.remat else Block
+        for i in range(c.num_layers):
+            x = block(c, name=f"block{i}")(x, positions, deterministic)
+        x = layers.norm(c.norm, c.use_bias, c.compute_dtype, "norm_f")(x)
+        logits = wte.attend(x).astype(jnp.float32)  # tied embeddings
+        logits = layers.constrain(logits, ("batch", "length", "act_vocab"))
+        valid = jnp.arange(c.padded_vocab) < c.vocab_size
+        return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+
+
+def count_params(params, config: GPTConfig, non_embedding: bool = True) -> int:
+    """Parameter count; like nanoGPT, the position table is not counted by default."""
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if non_embedding and config.position == "learned":
+        total -= config.block_size * config.embed_dim
+    return total

@@ -1,0 +1,48 @@
+"""Device meshes with the axes `data`, `fsdp` and `tensor`."""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Turns {'data': -1, 'fsdp': 2, ...} into concrete sizes; -1 takes the rest of the devices."""
+    unknown = [name for name, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
+    bad = {name: size for name, size in sizes.items() if size == 0 or size < -1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {bad}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices % known:
+        raise ValueError(f"mesh {sizes} does not divide the {num_devices} available devices")
+    resolved = {name: (num_devices // known if size == -1 else size) for name, size in sizes.items()}
+    if math.prod(resolved.values()) != num_devices:
+        raise ValueError(
+            f"mesh {resolved} uses {math.prod(resolved.values())} devices but {num_devices} are "
+            "available; set one axis to -1 to take the rest"
+        )
+    return tuple(resolved[name] for name in AXES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh over all (or the given) devices with Auto axes, as jit-with-shardings code expects."""
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_axis_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    if len(devices) == jax.device_count():
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split over `data` and `fsdp` on their leading axis."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

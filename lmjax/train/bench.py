@@ -1,0 +1,2 @@
+"""placeholder replaced below"""
+def benchmark(**kw): raise SystemExit("bench not ready")

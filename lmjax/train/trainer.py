@@ -1,0 +1,266 @@
+"""The training loop: plain typed arguments, no gin (see lmjax/entry.py for the edges)."""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from lmjax.data.pipelines import LMData, eval_batches, train_iterator
+from lmjax.models import GPT, GPTConfig
+from lmjax.parallel.mesh import batch_parallelism, batch_sharding
+from lmjax.train import optim
+from lmjax.train.checkpoint import Checkpointer, as_abstract
+from lmjax.train.metrics import MetricWriter
+from lmjax.train.state import TrainState, create_state, state_shardings
+from lmjax.train.step import eval_step, train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 5000
+    batch_size: int = 64  # global, over all devices and processes
+    learning_rate: float = 1e-3  # peak
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # defaults to num_steps
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    microbatches: int = 1
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int = 200
+    eval_batch_size: int | None = None  # defaults to batch_size
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    seed: int = 1337
+
+    def validate(self, parallelism: int) -> None:
+        per_micro = self.batch_size // max(self.microbatches, 1)
+        if self.batch_size % self.microbatches:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by microbatches={self.microbatches}"
+            )
+        if per_micro % parallelism:
+            raise ValueError(
+                f"microbatch of {per_micro} rows does not divide over data*fsdp={parallelism} "
+                "devices; change train.batch_size, train.microbatches or the mesh"
+            )
+        for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run needs besides its state: compiled functions, shardings, checkpoints."""
+
+    model: GPT
+    schedule: object
+    tx: object
+    abstract: TrainState  # ShapeDtypeStructs with shardings
+    step_fn: object
+    eval_fn: object
+    batch_sharding: NamedSharding
+    checkpoints: Checkpointer
+
+
+def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workdir: str) -> Setup:
+    model = GPT(model_config)
+    schedule = optim.warmup_cosine(
+        config.learning_rate, config.min_lr, config.warmup_steps,
+        config.decay_steps or config.num_steps,
+    )
+    tx = optim.adamw(schedule, beta1=config.beta1, beta2=config.beta2,
+                     weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+    abstract, shardings = state_shardings(model, tx, model_config.block_size, mesh, rules)
+    data_sharding = batch_sharding(mesh)
+    batch_shardings = {"inputs": data_sharding, "targets": data_sharding}
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                             num_micro=config.microbatches)
+    step_fn = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(shardings.params, batch_shardings))
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    return Setup(model, schedule, tx, as_abstract(abstract, shardings), step_fn, eval_fn,
+                 data_sharding, checkpoints)
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows -> one global array per key, sharded over data and fsdp."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(setup: Setup, params, batches: list[dict]) -> float:
+    losses = [setup.eval_fn(params, to_global(b, setup.batch_sharding)) for b in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _eval_set(data: LMData, model_config: GPTConfig, config: TrainConfig) -> list[dict]:
+    return eval_batches(data.eval, model_config.block_size,
+                        config.eval_batch_size or config.batch_size, config.eval_batches,
+                        config.seed + 1)
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> None:
+    for step, metrics in pending:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+            raise NonFiniteLossError(
+                f"loss became {loss} at step {step}; training stopped and the last good "
+                "checkpoint is kept. Lower train.learning_rate or check the data."
+            )
+
+
+def _restore_or_init(setup: Setup, model_config, config: TrainConfig, mesh, rules, data_iter):
+    latest = setup.checkpoints.latest_step()
+    if latest is None:
+        state = create_state(setup.model, setup.tx, model_config.block_size, config.seed, mesh,
+                             rules)
+        return state, {"best_eval_loss": None, "best_step": None}, None
+    state, meta = setup.checkpoints.restore(latest, setup.abstract, data_iter)
+    return state, meta, latest
+
+
+def train(
+    *,
+    workdir: str,
+    model_config: GPTConfig,
+    data: LMData,
+    config: TrainConfig,
+    mesh: Mesh,
+    rules,
+    on_ready=None,
+) -> dict:
+    """Trains (or resumes from `workdir`) and returns a summary of the final metrics.
+
+    `on_ready` runs once the checkpoint has been checked against the model and before
+    anything is written, so callers can record the config without overwriting a
+    workdir that belongs to another model.
+    """
+    config.validate(batch_parallelism(mesh))
+    setup = build(model_config, config, mesh, rules, workdir)
+    data_iter = train_iterator(data.train, model_config.block_size, config.batch_size,
+                               config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, meta, start = _restore_or_init(setup, model_config, config, mesh, rules, data_iter)
+    if on_ready is not None:
+        on_ready()
+    evals = _eval_set(data, model_config, config)
+    writer = MetricWriter(workdir, start)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            summary = _loop(setup, state, meta, start or 0, config, data_iter, evals, writer,
+                            model_config)
+    finally:
+        setup.checkpoints.wait()
+        setup.checkpoints.close()
+        writer.close()
+    return summary
+
+
+def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_config) -> dict:
+    tokens_per_step = config.batch_size * model_config.block_size
+    pending: list[tuple[int, dict]] = []
+    last = {"time": time.perf_counter(), "step": start}
+    record, eval_loss = {}, None
+    bar = tqdm(total=config.num_steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0)
+    run_start = time.perf_counter()
+    for step in range(start + 1, config.num_steps + 1):
+        state, metrics = setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
+        pending.append((step, metrics))
+        final = step == config.num_steps
+        if step % config.log_every == 0 or final:
+            record = _log_train(pending, last, tokens_per_step, writer)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            pending = []
+        eval_loss = None
+        if step % config.eval_every == 0 or final:
+            _check_finite(pending)
+            eval_loss = evaluate(setup, state.params, evals)
+            if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
+                meta = {**meta, "best_eval_loss": eval_loss, "best_step": step}
+            writer.write({"step": step, "split": "eval", "loss": eval_loss,
+                          "best_loss": meta["best_eval_loss"]})
+        if step % config.checkpoint_every == 0 or final:
+            _check_finite(pending)
+            setup.checkpoints.save(step, state, data_iter, meta, eval_loss)
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - run_start
+    summary = {
+        "step": config.num_steps,
+        "train_loss": record.get("loss"),
+        "eval_loss": eval_loss,
+        "best_eval_loss": meta["best_eval_loss"],
+        "best_step": meta["best_step"],
+        "seconds": elapsed,
+    }
+    if start == config.num_steps:
+        print(f"{config.num_steps} steps already done in this workdir; nothing to train")
+    else:
+        print(
+            f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}, eval loss "
+            f"{eval_loss:.4f} (best {meta['best_eval_loss']:.4f} at step {meta['best_step']}), "
+            f"{elapsed:.1f} s"
+        )
+    return summary
+
+
+def _log_train(pending, last, tokens_per_step, writer) -> dict:
+    _check_finite(pending)  # fetches every pending loss, i.e. waits for the last step
+    step, metrics = pending[-1]
+    now = time.perf_counter()
+    tokens_per_sec = (step - last["step"]) * tokens_per_step / (now - last["time"])
+    last.update(time=now, step=step)
+    record = {
+        "step": step,
+        "split": "train",
+        "loss": float(metrics["loss"]),
+        "learning_rate": float(metrics["learning_rate"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "tokens_per_sec": tokens_per_sec,
+    }
+    writer.write(record)
+    return record
+
+
+def restore_best(workdir: str, model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules):
+    """(setup, state, step) of the best checkpoint in workdir (the latest if none has an eval)."""
+    setup = build(model_config, config, mesh, rules, workdir)
+    step = setup.checkpoints.best_step() or setup.checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
+            f"`python -m lmjax.main train --workdir={workdir} --gin_file=...`"
+        )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, _ = setup.checkpoints.restore(step, setup.abstract)
+    return setup, state, step
+
+
+def evaluate_best(*, workdir: str, model_config: GPTConfig, data: LMData, config: TrainConfig,
+                  mesh: Mesh, rules, on_ready=None) -> dict:
+    """Re-evaluates the best checkpoint on the eval batches training used."""
+    del on_ready
+    setup, state, step = restore_best(workdir, model_config, config, mesh, rules)
+    evals = _eval_set(data, model_config, config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        loss = evaluate(setup, state.params, evals)
+    setup.checkpoints.close()
+    print(f"eval: step {step}, loss {loss:.4f} over {config.eval_batches} batches")
+    return {"step": step, "split": "eval", "loss": loss}
