@@ -43,7 +43,7 @@ class TinyShakespeare(tfds.builder_cls("tiny_shakespeare"), skip_registration=Tr
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place Tiny Shakespeare's input.txt in the manual directory "
-        f"(lmjax uses $${DATA_DIR_ENV}/tinyshakespeare/input.txt)."
+        f"(lmjax uses ${DATA_DIR_ENV}/tinyshakespeare/input.txt)."
     )
     MANUAL_FILE = "input.txt"
     SHA256 = TINY_SHAKESPEARE_SHA256
@@ -86,7 +86,7 @@ def prepare(name: str, tfds_dir: str | None = None, manual_dir: str | None = Non
         builder._lmjax_manual_file = _check_manual_file(builder_cls, manual)
         builder.download_and_prepare()
         return builder
-    where = manual / builder_cls.MANUAL_FILE if manual else f"$${DATA_DIR_ENV}/..."
+    where = manual / builder_cls.MANUAL_FILE if manual else f"${DATA_DIR_ENV}/..."
     try:
         builder.download_and_prepare()
     except Exception as err:  # offline machines fail here with a network error
