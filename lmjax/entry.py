@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 import gin
+import jax
 
 from lmjax.data.pipelines import LMData, load_lm_data
 from lmjax.models import GPTConfig
@@ -18,8 +19,23 @@ gin.external_configurable(GPTConfig, "GPTConfig")
 
 
 @gin.configurable
-def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, rules: str = "fsdp_tensor"):
-    """The device mesh (-1: the rest of the devices) and the logical-axis rule table."""
+def mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    rules: str = "fsdp_tensor",
+    cpu_devices: int | None = None,
+):
+    """The device mesh (-1: the rest of the devices) and the logical-axis rule table.
+
+    `cpu_devices` splits the host CPU into that many JAX devices (`jax_num_cpu_devices`),
+    so a CPU run can be data parallel over its cores: on the 2-core reference machine
+    two devices with half a batch each run the baby config's step about 1.6x faster than
+    one device using both cores (benchmark: `python -m lmjax.main bench`). It only
+    affects the CPU backend; on a GPU the mesh still spans the GPUs.
+    """
+    if cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     return make_mesh(data, fsdp, tensor), RULES.get(rules)
 
 
@@ -79,8 +95,8 @@ def train(
     values = locals()
     config = trainer.TrainConfig(**{f.name: values[f.name] for f in
                                     dataclasses.fields(trainer.TrainConfig)})
+    device_mesh, rules = mesh()  # first: it may set the CPU device count
     data = dataset(workdir=workdir)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
-    device_mesh, rules = mesh()
     return runner(workdir=workdir, model_config=model, data=data, config=config,
                   mesh=device_mesh, rules=rules, on_ready=on_ready)

@@ -19,7 +19,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _data_dir() -> str:
-    data_dir = os.environ.get("LMJAX_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.exists() else "")
+    default = str(SHARED_DATA) if SHARED_DATA.exists() else ""
+    data_dir = os.environ.get("LMJAX_DATA_DIR") or default
     if not data_dir or not Path(data_dir, "tinyshakespeare", "input.txt").exists():
         pytest.exit(
             "Tiny Shakespeare not found: set LMJAX_DATA_DIR to the folder holding "

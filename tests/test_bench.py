@@ -67,6 +67,6 @@ def test_bench_tiny(offline_data, clean_gin, tmp_path, capsys, monkeypatch):
     written = [p.relative_to(workdir) for p in workdir.rglob("*")] if workdir.exists() else []
     assert not [p for p in written if "checkpoint" in str(p)], written
 
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("bench: ")]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench: ")]
     assert len(lines) == 1
     assert json.loads(lines[0][len("bench: "):])["flops_per_token"] == expected

@@ -80,7 +80,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     setup = trainer.build(BABY, TRAIN, target, rules, str(tmp_path / "other"))
     with jax.set_mesh(target), nn.logical_axis_rules(rules):
         restored, _ = saver.restore(2, setup.abstract)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     leaf = restored.params["block0"]["mlp"]["up"]["kernel"]
     assert leaf.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

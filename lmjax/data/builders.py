@@ -82,19 +82,25 @@ def prepare(name: str, tfds_dir: str | None = None, manual_dir: str | None = Non
     if builder.is_prepared():
         return builder
     manual = Path(manual_dir) if manual_dir else default_manual_dir(name)
-    if manual is not None and (manual / builder_cls.MANUAL_FILE).exists():
+    if manual is not None:
+        # An offline data folder was given: never fall back to a download that may hang.
+        if not (manual / builder_cls.MANUAL_FILE).exists():
+            raise MissingDataError(
+                f"dataset {name!r} is not prepared in {builder.data_dir} and "
+                f"{manual / builder_cls.MANUAL_FILE} does not exist. Put "
+                f"{builder_cls.MANUAL_FILE} there, or point {DATA_DIR_ENV} at the folder that "
+                f"holds {name.replace('_', '')}/{builder_cls.MANUAL_FILE} (tfds manual_dir)."
+            )
         builder._lmjax_manual_file = _check_manual_file(builder_cls, manual)
         builder.download_and_prepare()
         return builder
-    where = manual / builder_cls.MANUAL_FILE if manual else f"${DATA_DIR_ENV}/..."
     try:
         builder.download_and_prepare()
     except Exception as err:  # offline machines fail here with a network error
         raise MissingDataError(
             f"dataset {name!r} is not prepared in {builder.data_dir} and could not be "
-            f"downloaded ({type(err).__name__}). Put {builder_cls.MANUAL_FILE} at {where}: set "
-            f"{DATA_DIR_ENV} to the folder holding {name.replace('_', '')}/"
-            f"{builder_cls.MANUAL_FILE} (tfds manual_dir)."
+            f"downloaded ({type(err).__name__}). Set {DATA_DIR_ENV} to the folder that holds "
+            f"{name.replace('_', '')}/{builder_cls.MANUAL_FILE} (tfds manual_dir)."
         ) from err
     return builder
 

@@ -57,8 +57,13 @@ def window_batches(tokens: np.ndarray, length: int, global_batch: int, seed: int
 
 
 def train_iterator(tokens: np.ndarray, length: int, global_batch: int, seed: int):
-    """Checkpointable iterator (`get_state`/`set_state`) over training batches."""
-    return iter(window_batches(tokens, length, global_batch, seed))
+    """Checkpointable iterator (`get_state`/`set_state`) over training batches.
+
+    Read in the calling thread: a batch costs under a millisecond, and prefetch threads
+    would compete with XLA for the few cores of a CPU run.
+    """
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(window_batches(tokens, length, global_batch, seed).to_iter_dataset(options))
 
 
 def eval_batches(

@@ -47,7 +47,8 @@ class Dense(nn.Module):
         shape = x.shape[-self.in_axes :] + tuple(self.features)
         kernel = self.param("kernel", init(self.std, self.names), shape)
         contract = tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        dims = (contract, ((), ()))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
         if self.use_bias:
             bias = self.param("bias", zeros(self.names[self.in_axes :]), self.features)
             y = y + bias.astype(self.dtype)
@@ -98,10 +99,12 @@ class CausalSelfAttention(nn.Module):
             (3, self.num_heads, self.head_dim), ("embed", None, "heads", "head_dim"),
             use_bias=self.use_bias, dtype=self.dtype, name="qkv",
         )(x)  # (batch, length, 3, heads, head_dim)
-        q, k, v = (constrain(qkv[:, :, i], ("batch", "length", "act_heads", None)) for i in range(3))
+        names = ("batch", "length", "act_heads", None)
+        q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (batch, length, heads, head_dim)
+        # (batch, length, heads, head_dim)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         # nanoGPT's scaled init for residual projections: 0.02 / sqrt(2 * layers).
         y = Dense(
             (embed,), ("heads", "head_dim", "embed"), 0.02 / (2 * self.num_layers) ** 0.5,

@@ -21,7 +21,7 @@ def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ..
     known = math.prod(size for size in sizes.values() if size != -1)
     if num_devices % known:
         raise ValueError(f"mesh {sizes} does not divide the {num_devices} available devices")
-    resolved = {name: (num_devices // known if size == -1 else size) for name, size in sizes.items()}
+    resolved = {name: num_devices // known if size == -1 else size for name, size in sizes.items()}
     if math.prod(resolved.values()) != num_devices:
         raise ValueError(
             f"mesh {resolved} uses {math.prod(resolved.values())} devices but {num_devices} are "

@@ -41,7 +41,8 @@ def fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> Partiti
     net for everything else, so any config runs on any mesh.
     """
     fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for dim, axes in zip(shape, padded, strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = int(np.prod([mesh.shape[name] for name in names])) if names else 1
         fitted.append(axes if dim % size == 0 else None)

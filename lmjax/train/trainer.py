@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from lmjax.data.pipelines import LMData, eval_batches, train_iterator

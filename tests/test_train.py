@@ -1,0 +1,48 @@
+"""Training-step properties: gradient accumulation, schedule, weight-decay mask."""
+
+import dataclasses
+
+import jax
+import numpy as np
+from conftest import train_losses
+
+from lmjax.models import GPTConfig
+from lmjax.parallel import make_mesh
+from lmjax.train import optim, trainer
+
+MODEL = GPTConfig(vocab_size=65, num_layers=2, num_heads=4, embed_dim=64, block_size=32)
+TRAIN = trainer.TrainConfig(num_steps=3, batch_size=16, warmup_steps=1)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    mesh = make_mesh(2, 2, 2)
+    full_losses, full = train_losses(mesh, MODEL, TRAIN, 3)
+    micro_losses, micro = train_losses(mesh, MODEL, dataclasses.replace(TRAIN, microbatches=4), 3)
+    np.testing.assert_allclose(micro_losses, full_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(micro.params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_schedule_matches_nanogpt():
+    """nanoGPT's get_lr(it) for warmup 100, decay 2000, lr 1e-3, min_lr 1e-4."""
+    schedule = optim.warmup_cosine(1e-3, 1e-4, 100, 2000)
+
+    def nanogpt(it):
+        if it < 100:
+            return 1e-3 * (it + 1) / 101
+        if it > 2000:
+            return 1e-4
+        ratio = (it - 100) / 1900
+        return 1e-4 + 0.5 * (1.0 + np.cos(np.pi * ratio)) * (1e-3 - 1e-4)
+
+    for it in [0, 1, 50, 99, 100, 101, 500, 1999, 2000, 2500]:
+        np.testing.assert_allclose(float(schedule(it)), nanogpt(it), rtol=1e-5)
+
+
+def test_weight_decay_only_on_matrices():
+    params = {"wte": {"embedding": 1}, "wpe": 1, "block0": {"qkv": {"kernel": 1, "bias": 1},
+                                                            "norm1": {"scale": 1, "bias": 1}}}
+    mask = optim.decay_mask(params)
+    assert mask == {"wte": {"embedding": True}, "wpe": True,
+                    "block0": {"qkv": {"kernel": True, "bias": False},
+                               "norm1": {"scale": False, "bias": False}}}
