@@ -182,6 +182,11 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
     run_start = time.perf_counter()
     for step in range(start + 1, config.num_steps + 1):
         state, metrics = setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
+        if pending:
+            # At most two steps in flight. With several CPU devices, queueing hundreds of
+            # steps deadlocked in XLA's all-reduce rendezvous (one device's part never
+            # arrived); waiting for the previous step keeps the device busy and cannot.
+            jax.block_until_ready(pending[-1][1]["loss"])
         pending.append((step, metrics))
         final = step == config.num_steps
         if step % config.log_every == 0 or final:
