@@ -68,8 +68,9 @@ def main() -> None:
     builders.prepare("tiny_shakespeare")  # not part of the timed command
     flags = [f"--gin_file={CONFIGS[args.config]}"] + [f"--gin_param={p}" for p in args.gin_param]
     start = time.perf_counter()
-    _lmjax("train", f"--workdir={workdir}", *flags)
+    done = _lmjax("train", f"--workdir={workdir}", *flags).stdout.strip().splitlines()[-1]
     wall = time.perf_counter() - start
+    print(done)
     bench = _lmjax("bench", f"--workdir={workdir}", *flags, "--bench_steps=50").stdout
     figures = json.loads(bench.split("bench: ", 1)[1].splitlines()[0])
     records = _records(workdir)

@@ -183,9 +183,9 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
     for step in range(start + 1, config.num_steps + 1):
         state, metrics = setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
         if pending:
-            # At most two steps in flight. With several CPU devices, queueing hundreds of
-            # steps deadlocked in XLA's all-reduce rendezvous (one device's part never
-            # arrived); waiting for the previous step keeps the device busy and cannot.
+            # At most two steps in flight. With two CPU devices, queueing ~300 steps
+            # deadlocked in XLA's all-reduce rendezvous (one device's part never arrived,
+            # async dispatch on or off); one queued step still keeps the devices busy.
             jax.block_until_ready(pending[-1][1]["loss"])
         pending.append((step, metrics))
         final = step == config.num_steps
