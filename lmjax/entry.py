@@ -16,6 +16,7 @@ from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 
 gin.external_configurable(GPTConfig, "GPTConfig")
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 @gin.configurable
@@ -32,9 +33,10 @@ def mesh(
     so a CPU run can be data parallel over its cores: on the 2-core reference machine
     two devices with half a batch each run the baby config's step about 1.6x faster than
     one device using both cores (benchmark: `python -m lmjax.main bench`). It only
-    affects the CPU backend; on a GPU the mesh still spans the GPUs.
+    affects the CPU backend; on a GPU the mesh still spans the GPUs. An explicit
+    `--xla_force_host_platform_device_count` in XLA_FLAGS wins over it.
     """
-    if cpu_devices is not None:
+    if cpu_devices is not None and _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     return make_mesh(data, fsdp, tensor), RULES.get(rules)
 

@@ -90,7 +90,8 @@ def main() -> None:
 
     try:
         run()
-    except (IncompatibleCheckpointError, NonFiniteLossError, MissingDataError, ValueError) as err:
+    except (IncompatibleCheckpointError, NonFiniteLossError, MissingDataError, ValueError,
+            KeyError, FileNotFoundError) as err:
         print(f"lmjax: error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -50,8 +50,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(WIDTH)
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * LAYERS) if name.endswith(("proj.weight", "down.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+                residual = name.endswith(("proj.weight", "down.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * LAYERS) if residual else 0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
