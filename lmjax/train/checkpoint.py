@@ -20,7 +20,9 @@ def _eval_loss(metrics) -> float:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only` (eval, sample) never deletes anything, e.g. a running job's temp dirs."""
         keep_policy = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
             # reverse=True keeps the lowest eval loss.
@@ -32,7 +34,8 @@ class Checkpointer:
             best_fn=_eval_loss,
             best_mode="min",
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),

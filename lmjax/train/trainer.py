@@ -68,7 +68,6 @@ class Setup:
     """What a run needs besides its state: compiled functions, shardings, checkpoints."""
 
     model: GPT
-    schedule: object
     tx: object
     abstract: TrainState  # ShapeDtypeStructs with shardings
     step_fn: object
@@ -77,7 +76,8 @@ class Setup:
     checkpoints: Checkpointer
 
 
-def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workdir: str) -> Setup:
+def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workdir: str,
+          read_only: bool = False) -> Setup:
     model = GPT(model_config)
     schedule = optim.warmup_cosine(
         config.learning_rate, config.min_lr, config.warmup_steps,
@@ -94,9 +94,10 @@ def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workd
                       out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(shardings.params, batch_shardings))
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    return Setup(model, schedule, tx, as_abstract(abstract, shardings), step_fn, eval_fn,
-                 data_sharding, checkpoints)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                               read_only=read_only)
+    return Setup(model, tx, as_abstract(abstract, shardings), step_fn, eval_fn, data_sharding,
+                 checkpoints)
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -105,7 +106,11 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
 
 
 def evaluate(setup: Setup, params, batches: list[dict]) -> float:
-    losses = [setup.eval_fn(params, to_global(b, setup.batch_sharding)) for b in batches]
+    losses = []
+    for batch in batches:
+        losses.append(setup.eval_fn(params, to_global(batch, setup.batch_sharding)))
+        if len(losses) > 1:  # at most two in flight, as in the training loop
+            jax.block_until_ready(losses[-2])
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -117,11 +122,12 @@ def _eval_set(data: LMData, model_config: GPTConfig, config: TrainConfig) -> lis
 
 def _check_finite(pending: list[tuple[int, dict]]) -> None:
     for step, metrics in pending:
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise NonFiniteLossError(
-                f"loss became {loss} at step {step}; training stopped and the last good "
-                "checkpoint is kept. Lower train.learning_rate or check the data."
+                f"loss {loss} (gradient norm {grad_norm}) at step {step}; training stopped "
+                "and the last good checkpoint is kept. Lower train.learning_rate or check "
+                "the data."
             )
 
 
@@ -246,7 +252,7 @@ def _log_train(pending, last, tokens_per_step, writer) -> dict:
 
 def restore_best(workdir: str, model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules):
     """(setup, state, step) of the best checkpoint in workdir (the latest if none has an eval)."""
-    setup = build(model_config, config, mesh, rules, workdir)
+    setup = build(model_config, config, mesh, rules, workdir, read_only=True)
     step = setup.checkpoints.best_step() or setup.checkpoints.latest_step()
     if step is None:
         raise FileNotFoundError(
