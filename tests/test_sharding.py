@@ -92,3 +92,14 @@ if __name__ == "__main__":
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({n: _specs(n, s) for n, s in RECIPES.items()}, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_sizes_that_do_not_divide_the_mesh_still_train_identically():
+    """6 heads and a 65-symbol vocabulary on tensor=4: heads are replicated, vocab padded."""
+    model = GPTConfig(vocab_size=65, num_layers=1, num_heads=6, embed_dim=96, block_size=16)
+    config = trainer.TrainConfig(num_steps=3, batch_size=8, warmup_steps=1)
+    one, _ = train_losses(make_mesh(1, 1, 1, devices=jax.devices()[:1]), model, config, 3)
+    many, state = train_losses(make_mesh(2, 1, 4), model, config, 3)
+    np.testing.assert_allclose(many, one, rtol=1e-4)
+    qkv = state.params["block0"]["attn"]["qkv"]["kernel"]
+    assert qkv.sharding.spec[2] is None  # 6 heads do not divide tensor=4: replicated

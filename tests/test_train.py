@@ -46,3 +46,13 @@ def test_weight_decay_only_on_matrices():
     assert mask == {"wte": {"embedding": True}, "wpe": True,
                     "block0": {"qkv": {"kernel": True, "bias": False},
                                "norm1": {"scale": False, "bias": False}}}
+
+
+def test_remat_equals_plain_and_bf16_tracks_fp32():
+    mesh = make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    plain, _ = train_losses(mesh, MODEL, TRAIN, 3)
+    remat, _ = train_losses(mesh, dataclasses.replace(MODEL, remat=True), TRAIN, 3)
+    np.testing.assert_allclose(remat, plain, rtol=1e-6)
+    bf16, state = train_losses(mesh, dataclasses.replace(MODEL, dtype="bfloat16"), TRAIN, 3)
+    np.testing.assert_allclose(bf16, plain, rtol=2e-2)  # bf16 has 8 bits of mantissa
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
