@@ -31,8 +31,8 @@ def mesh(
 
     `cpu_devices` splits the host CPU into that many JAX devices (`jax_num_cpu_devices`),
     so a CPU run can be data parallel over its cores: on the 2-core reference machine
-    two devices with half a batch each run the baby config's step about 1.6x faster than
-    one device using both cores (benchmark: `python -m lmjax.main bench`). It only
+    two devices with half a batch each run the baby config's step about 1.4x faster than
+    one device using both cores (experiments/shakespeare_char/README.md). It only
     affects the CPU backend; on a GPU the mesh still spans the GPUs. An explicit
     `--xla_force_host_platform_device_count` in XLA_FLAGS wins over it.
     """
