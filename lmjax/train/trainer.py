@@ -120,8 +120,10 @@ def _eval_set(data: LMData, model_config: GPTConfig, config: TrainConfig) -> lis
                         config.seed + 1)
 
 
-def _check_finite(pending: list[tuple[int, dict]]) -> None:
-    for step, metrics in pending:
+def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
+    """Fetches the pending steps' metrics in one transfer and stops at the first NaN/Inf."""
+    fetched = jax.device_get([metrics for _, metrics in pending])
+    for (step, _), metrics in zip(pending, fetched, strict=True):
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise NonFiniteLossError(
@@ -129,6 +131,7 @@ def _check_finite(pending: list[tuple[int, dict]]) -> None:
                 "and the last good checkpoint is kept. Lower train.learning_rate or check "
                 "the data."
             )
+    return fetched
 
 
 def _restore_or_init(setup: Setup, model_config, config: TrainConfig, mesh, rules, data_iter):
@@ -233,8 +236,8 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
 
 
 def _log_train(pending, last, tokens_per_step, writer) -> dict:
-    _check_finite(pending)  # fetches every pending loss, i.e. waits for the last step
-    step, metrics = pending[-1]
+    metrics = _check_finite(pending)[-1]  # one fetch for the interval; waits for its last step
+    step = pending[-1][0]
     now = time.perf_counter()
     tokens_per_sec = (step - last["step"]) * tokens_per_step / (now - last["time"])
     last.update(time=now, step=step)
