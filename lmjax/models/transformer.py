@@ -106,10 +106,3 @@ class GPT(nn.Module):
         valid = jnp.arange(c.padded_vocab) < c.vocab_size
         return jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
 
-
-def count_params(params, config: GPTConfig, non_embedding: bool = True) -> int:
-    """Parameter count; like nanoGPT, the position table is not counted by default."""
-    total = sum(x.size for x in jax.tree.leaves(params))
-    if non_embedding and config.position == "learned":
-        total -= config.block_size * config.embed_dim
-    return total

@@ -48,7 +48,12 @@ class TrainConfig:
     seed: int = 1337
 
     def validate(self, parallelism: int) -> None:
-        per_micro = self.batch_size // max(self.microbatches, 1)
+        positive = ("num_steps", "batch_size", "microbatches", "log_every", "eval_every",
+                    "checkpoint_every", "eval_batches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        per_micro = self.batch_size // self.microbatches
         if self.batch_size % self.microbatches:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by microbatches={self.microbatches}"
@@ -58,9 +63,6 @@ class TrainConfig:
                 f"microbatch of {per_micro} rows does not divide over data*fsdp={parallelism} "
                 "devices; change train.batch_size, train.microbatches or the mesh"
             )
-        for name in ("num_steps", "log_every", "eval_every", "checkpoint_every", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -203,15 +205,17 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             pending = []
         eval_loss = None
-        if step % config.eval_every == 0 or final:
-            _check_finite(pending)
+        do_eval = step % config.eval_every == 0 or final
+        do_save = step % config.checkpoint_every == 0 or final
+        if do_eval or do_save:
+            _check_finite(pending)  # never evaluate or save a state that produced NaN
+        if do_eval:
             eval_loss = evaluate(setup, state.params, evals)
             if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
                 meta = {**meta, "best_eval_loss": eval_loss, "best_step": step}
             writer.write({"step": step, "split": "eval", "loss": eval_loss,
                           "best_loss": meta["best_eval_loss"]})
-        if step % config.checkpoint_every == 0 or final:
-            _check_finite(pending)
+        if do_save:
             setup.checkpoints.save(step, state, data_iter, meta, eval_loss)
         bar.update(1)
     bar.close()
