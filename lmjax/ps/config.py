@@ -1,0 +1,93 @@
+"""The parameter-server run configuration and its checks (before any process starts)."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PSConfig:
+    """One parameter-server run. `num_workers` counts every worker, backups included."""
+
+    transport: str = "inproc"  # or "jax_distributed"
+    num_servers: int = 1
+    num_workers: int = 2
+    policy: str = "bsp"  # bsp, backup, async, ssp, softsync (lmjax/ps/policies.py)
+    backup_workers: int = 0  # backup: apply the first num_workers - backup_workers gradients
+    staleness_bound: int = 0  # ssp: s; -1 means unbounded
+    softsync_n: int = 1  # softsync: apply after num_workers / n gradients
+    n_fetch: int = 1  # async (Downpour): pull every n_fetch steps
+    n_push: int = 1  # async (Downpour): push the mean of n_push steps' gradients
+    num_updates: int = 60
+    batch_size: int = 8  # per worker and step
+    optimizer: str = "adam"  # sgd, momentum, adam, adagrad (lmjax/ps/server.py)
+    learning_rate: float = 1e-3  # alpha0
+    lr_scaling: str = "fixed"  # or "staleness": alpha0 / max(1, mean staleness)
+    seed: int = 0
+    # Virtual-time compute model of the inproc transport (lmjax/ps/inproc.py).
+    delay: str = "fixed"  # or "lognormal"
+    compute_time: float = 1.0  # seconds of virtual time per gradient at slow-down 1
+    slowdown: tuple[float, ...] = ()  # per-worker factors; missing workers get 1
+    sigma: float = 0.0  # lognormal: sigma of log(time)
+    # Real processes (jax_distributed).
+    port: int = 0  # coordinator port on 127.0.0.1; 0 picks a free one
+    checkpoint_every: int = 20  # server shards save an orbax checkpoint every K updates
+    max_restarts: int = 0  # how often the supervisor restarts a dead server or worker
+    faults: tuple[str, ...] = ()  # "worker1@20": SIGKILL worker 1 once update 20 is applied
+    heartbeat_timeout: int = 10  # seconds before the coordination service drops a process
+    join_timeout: int = 180  # seconds for every process to start and join
+
+    @property
+    def num_active(self) -> int:
+        """Gradients per synchronous round (backup: the first N of N + b)."""
+        return self.num_workers - self.backup_workers
+
+
+POLICIES_WITH_DOWNPOUR = ("async",)
+
+
+def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> None:
+    """Raises ValueError naming the contradiction and the fix; `known` lists registry names."""
+    for field, names in known.items():
+        if getattr(config, field) not in names:
+            raise ValueError(f"unknown ps.{field} {getattr(config, field)!r}; known: "
+                             f"{', '.join(names)}")
+    positive = ("num_servers", "num_workers", "softsync_n", "n_fetch", "n_push", "num_updates",
+                "batch_size", "checkpoint_every", "heartbeat_timeout", "join_timeout")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"ps.{name} must be positive, got {getattr(config, name)}")
+    if config.num_servers > num_leaves:
+        raise ValueError(f"ps.num_servers={config.num_servers} exceeds the model's {num_leaves} "
+                         "parameter arrays; every shard needs at least one: use fewer servers")
+    if config.staleness_bound < -1:
+        raise ValueError(f"ps.staleness_bound must be >= 0 (or -1 for unbounded), got "
+                         f"{config.staleness_bound}")
+    if config.policy == "softsync" and config.num_workers % config.softsync_n:
+        raise ValueError(f"ps.softsync_n={config.softsync_n} does not divide "
+                         f"ps.num_workers={config.num_workers} (lambda); pick a divisor")
+    if config.softsync_n > config.num_workers:
+        raise ValueError(f"ps.softsync_n={config.softsync_n} exceeds ps.num_workers")
+    if not 0 <= config.backup_workers < config.num_workers:
+        raise ValueError(f"ps.backup_workers={config.backup_workers} must be in "
+                         f"[0, num_workers={config.num_workers})")
+    if config.policy not in POLICIES_WITH_DOWNPOUR and (config.n_fetch, config.n_push) != (1, 1):
+        raise ValueError("ps.n_fetch and ps.n_push apply to the 'async' policy only")
+    if len(config.slowdown) > config.num_workers or any(f <= 0 for f in config.slowdown):
+        raise ValueError(f"ps.slowdown {config.slowdown} needs at most num_workers positive "
+                         "factors")
+    if not 0 <= config.port < 65536:
+        raise ValueError(f"ps.port {config.port} is not a TCP port")
+    for fault in config.faults:
+        parse_fault(fault, config)
+
+
+def parse_fault(fault: str, config: PSConfig) -> tuple[str, int, int]:
+    """'worker1@20' -> ('worker', 1, 20)."""
+    role, _, at = fault.partition("@")
+    kind = role.rstrip("0123456789")
+    count = {"worker": config.num_workers, "server": config.num_servers}.get(kind)
+    index = role[len(kind):]
+    if count is None or not index.isdigit() or int(index) >= count or not at.isdigit():
+        raise ValueError(f"bad ps.faults entry {fault!r}: write ROLE@UPDATE such as 'worker1@20' "
+                         f"(workers 0..{config.num_workers - 1}, servers "
+                         f"0..{config.num_servers - 1})")
+    return kind, int(index), int(at)

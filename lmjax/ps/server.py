@@ -1,0 +1,149 @@
+"""A server shard: holds its parameters and optimiser state and applies gradients with optax.
+
+The shard is transport-agnostic: `receive` takes one worker's gradient and returns the
+records of the updates it caused; the transport decides how gradients arrive and how
+the parameters are published.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+import optax
+
+from lmjax.ps.config import PSConfig
+from lmjax.ps.policies import Policy, Push, Status
+from lmjax.registry import Registry
+from lmjax.train.checkpoint import Checkpointer
+
+OPTIMIZERS: Registry = Registry("optimizer")
+OPTIMIZERS.register("sgd")(optax.sgd)
+OPTIMIZERS.register("momentum")(functools.partial(optax.sgd, momentum=0.9))
+OPTIMIZERS.register("adam")(optax.adam)
+OPTIMIZERS.register("adagrad")(optax.adagrad)  # per-parameter learning rates
+
+LR_SCALINGS: Registry = Registry("lr_scaling")
+LR_SCALINGS.register("fixed")(lambda taus: 1.0)
+# Zhang et al. 2016: alpha = alpha0 / <tau>, tau counted in updates since the read.
+LR_SCALINGS.register("staleness")(lambda taus: 1.0 / max(1.0, float(np.mean(taus))))
+
+
+def _update(tx, params, opt_state, grads, scale):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: u * scale, updates)  # scales the learning rate
+    return optax.apply_updates(params, updates), opt_state
+
+
+@functools.lru_cache(maxsize=16)
+def make_optimizer(name: str, learning_rate: float):
+    """(optax transformation, jitted update); cached so simulations with many shards and
+    runs compile each shape once."""
+    tx = OPTIMIZERS.get(name)(learning_rate)
+    # No donation: in-process workers hold the very arrays they pulled (immutable snapshots).
+    return tx, jax.jit(functools.partial(_update, tx))
+
+
+def mean_grads(group: list[Push]) -> dict:
+    """Mean over the group, summed in the group's order (the same on every transport)."""
+    total = {name: np.array(g, dtype=np.float32, copy=True) for name, g in group[0].grads.items()}
+    for push in group[1:]:
+        for name, g in push.grads.items():
+            total[name] += g
+    return {name: g / np.float32(len(group)) for name, g in total.items()}
+
+
+class ServerCore:
+    """Parameters of one key range, their optax state, a version and the policy's queue."""
+
+    def __init__(self, shard: int, params: dict, config: PSConfig, policy: Policy):
+        self.shard = shard
+        self.config = config
+        self.policy = policy
+        self.tx, self._update = make_optimizer(config.optimizer, config.learning_rate)
+        self.params = jax.device_put(params)
+        self.opt_state = self.tx.init(self.params)
+        self.version = 0
+        self.clocks = [0] * config.num_workers
+        self.alive = set(range(config.num_workers))
+        self.pending: list[Push] = []
+        self.bytes = {w: (0, 0) for w in range(config.num_workers)}
+        self.dropped = 0
+
+    def status(self) -> Status:
+        live = [self.clocks[w] for w in sorted(self.alive)] or [max(self.clocks)]
+        return Status(self.version, min(live), self.version >= self.config.num_updates,
+                      tuple(self.clocks))
+
+    def receive(self, push: Push, now: float) -> list[dict]:
+        """Queues one gradient and applies whatever the policy releases; returns records."""
+        self.clocks[push.worker] = max(self.clocks[push.worker], push.clock + 1)
+        self.bytes[push.worker] = (push.pushed_bytes, push.pulled_bytes)
+        if self.version >= self.config.num_updates:
+            return []
+        before = len(self.pending) + 1
+        group, self.pending = self.policy.collect([*self.pending, push], self.version)
+        records = []
+        while group:
+            records.append(self._apply(group, now))
+            group, self.pending = self.policy.collect(self.pending, self.version)
+        self.dropped += before - len(self.pending) - sum(len(r["workers"]) for r in records)
+        return records
+
+    def _apply(self, group: list[Push], now: float) -> dict:
+        taus = [self.version - p.version for p in group]
+        scale = LR_SCALINGS.get(self.config.lr_scaling)(taus)
+        self.params, self.opt_state = self._update(self.params, self.opt_state,
+                                                   mean_grads(group), np.float32(scale))
+        self.version += 1
+        pushed, pulled = (sum(b[i] for b in self.bytes.values()) for i in (0, 1))
+        return {
+            "split": "train",
+            "step": self.version,
+            "loss": float(np.mean([p.loss for p in group])),
+            "staleness": max(self.policy.staleness(p, self.version - 1) for p in group),
+            "updates_behind": max(taus),
+            "clocks_behind": max(p.clock - p.rounds for p in group),
+            "lr_scale": scale,
+            "workers": [p.worker for p in group],
+            "time": now,
+            "pushed_bytes": pushed,
+            "pulled_bytes": pulled,
+        }
+
+    def params_numpy(self) -> dict:
+        return jax.device_get(self.params)
+
+
+class ServerCheckpoints:
+    """Orbax checkpoints of a shard through the project's Checkpointer (synchronous saves).
+
+    `meta` carries what is not an array: version, worker clocks and the inbox slots still
+    needed to rebuild the queue after a restart.
+    """
+
+    def __init__(self, workdir: str, shard: int):
+        self.checkpointer = Checkpointer(os.path.join(workdir, f"server{shard}", "checkpoints"),
+                                         keep=2, async_save=False)
+
+    def save(self, core: ServerCore, meta: dict) -> None:
+        state = {"params": core.params, "opt_state": core.opt_state}
+        self.checkpointer.save(core.version, state, None, meta)
+
+    def restore(self, core: ServerCore) -> dict | None:
+        """Loads the latest checkpoint into `core`; returns its meta (None: fresh start)."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            {"params": core.params, "opt_state": core.opt_state})
+        state, meta = self.checkpointer.restore(step, abstract)
+        core.params, core.opt_state = state["params"], state["opt_state"]
+        core.version = meta["version"]
+        core.clocks = list(meta["clocks"])
+        return meta
+
+    def close(self) -> None:
+        self.checkpointer.close()

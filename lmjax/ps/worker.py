@@ -1,0 +1,126 @@
+"""A worker: pulls parameters, computes the GPT loss gradient on its data shard, pushes.
+
+Worker w reads rows w, w + N, w + 2N, ... of one seeded shuffled stream of training
+windows, `batch_size` rows per step, so at step c the N workers together hold exactly
+the rows of batch c of a single process with batch N * batch_size.
+"""
+
+import dataclasses
+import functools
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from lmjax.data.pipelines import Windows
+from lmjax.models import GPT, GPTConfig
+from lmjax.ps import sharding
+from lmjax.ps.config import PSConfig
+from lmjax.ps.policies import Policy, Push, Status
+from lmjax.train.step import lm_loss
+
+
+def _pairs(window: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": window[..., :-1], "targets": window[..., 1:]}
+
+
+def worker_batches(tokens: np.ndarray, length: int, batch_size: int, num_workers: int,
+                   index: int, seed: int) -> grain.MapDataset:
+    """Random-access batches of worker `index` (batch c = its step c, so restarts resume)."""
+    ds = grain.MapDataset.source(Windows(tokens, length)).shuffle(seed=seed).repeat()
+    return ds[index::num_workers].batch(batch_size, drop_remainder=True).map(_pairs)
+
+
+@functools.lru_cache(maxsize=4)
+def _init_fn(model_config: GPTConfig):
+    model = GPT(model_config)
+    tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
+    return jax.jit(lambda key: nn.unbox(model.init(key, tokens)["params"]))
+
+
+def init_params(model_config: GPTConfig, seed: int) -> dict:
+    """Flat {name: numpy array} of a freshly initialised GPT (the same for every process)."""
+    return jax.device_get(sharding.flatten(_init_fn(model_config)(jax.random.key(seed))))
+
+
+def param_shapes(model_config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    model = GPT(model_config)
+    tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    return {k: tuple(v.shape) for k, v in sharding.flatten(nn.unbox(boxed)).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def make_grad_fn(model_config: GPTConfig):
+    """jit((params, batch) -> (loss, grads)) with the training loss of lmjax/train/step.py."""
+    model = GPT(model_config)
+
+    def loss_fn(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        return lm_loss(logits, batch["targets"])
+
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def nbytes(tree: dict) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in tree.values())
+
+
+@dataclasses.dataclass
+class WorkerCore:
+    """One worker's state machine; transports call wants_fetch/may_pull/take/step."""
+
+    index: int
+    config: PSConfig
+    policy: Policy
+    plan: sharding.ShardPlan
+    grad_fn: object
+    batches: grain.MapDataset
+    clock: int = 0  # gradients computed so far (a restarted worker starts at its server clock)
+    pushed_bytes: int = 0
+    pulled_bytes: int = 0
+
+    def __post_init__(self):
+        self.params = None
+        self.versions = [-1] * self.plan.num_shards
+        self.rounds = [0] * self.plan.num_shards
+        self._accum: dict | None = None
+        self._count = 0
+        self._losses: list[float] = []
+
+    def wants_fetch(self) -> bool:
+        return self.params is None or self.policy.fetch_due(self.clock)
+
+    def may_pull(self, statuses: list[Status]) -> bool:
+        return all(self.policy.may_pull(self.clock, v, s)
+                   for v, s in zip(self.versions, statuses, strict=True))
+
+    def take(self, parts: list[dict], statuses: list[Status]) -> None:
+        self.params = sharding.unflatten(self.plan.merge(parts))
+        self.versions = [s.version for s in statuses]
+        self.rounds = [s.rounds for s in statuses]
+        self.pulled_bytes += sum(nbytes(p) for p in parts)
+
+    def step(self) -> list[Push] | None:
+        """Computes one gradient; returns one Push per shard when a push is due."""
+        loss, grads = self.grad_fn(self.params, self.batches[self.clock])
+        grads = jax.device_get(sharding.flatten(grads))
+        if self._accum is None:
+            self._accum = {k: np.array(v, copy=True) for k, v in grads.items()}
+        else:
+            for k, v in grads.items():
+                self._accum[k] += v
+        self._count += 1
+        self._losses.append(float(loss))
+        clock, self.clock = self.clock, self.clock + 1
+        if not self.policy.push_due(clock):
+            return None
+        mean = {k: v / np.float32(self._count) for k, v in self._accum.items()}
+        loss_mean = float(np.mean(self._losses))
+        self._accum, self._count, self._losses = None, 0, []
+        parts = self.plan.split(mean)
+        self.pushed_bytes += sum(nbytes(p) for p in parts)
+        return [Push(self.index, clock, self.versions[k], self.rounds[k], loss_mean, part,
+                     self.pushed_bytes, self.pulled_bytes) for k, part in enumerate(parts)]
