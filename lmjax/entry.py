@@ -5,6 +5,7 @@ Binding names here are a contract used by configs and checks: `train.num_steps`,
 """
 
 import dataclasses
+import inspect
 import os
 
 import gin
@@ -13,6 +14,7 @@ import jax
 from lmjax.data.pipelines import LMData, load_lm_data
 from lmjax.models import GPTConfig
 from lmjax.parallel import RULES, make_mesh
+from lmjax.ps.config import PSConfig
 from lmjax.train import trainer
 
 gin.external_configurable(GPTConfig, "GPTConfig")
@@ -102,3 +104,60 @@ def train(
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
     return runner(workdir=workdir, model_config=model, data=data, config=config,
                   mesh=device_mesh, rules=rules, on_ready=on_ready)
+
+
+_PS = PSConfig()
+
+
+@gin.configurable(denylist=["workdir", "on_ready"])
+def ps(
+    workdir: str,
+    model: GPTConfig = gin.REQUIRED,
+    *,
+    transport: str = _PS.transport,
+    num_servers: int = _PS.num_servers,
+    num_workers: int = _PS.num_workers,
+    policy: str = _PS.policy,
+    backup_workers: int = _PS.backup_workers,
+    staleness_bound: int = _PS.staleness_bound,
+    softsync_n: int = _PS.softsync_n,
+    n_fetch: int = _PS.n_fetch,
+    n_push: int = _PS.n_push,
+    num_updates: int = _PS.num_updates,
+    batch_size: int = _PS.batch_size,
+    optimizer: str = _PS.optimizer,
+    learning_rate: float = _PS.learning_rate,
+    lr_scaling: str = _PS.lr_scaling,
+    seed: int = _PS.seed,
+    delay: str = _PS.delay,
+    compute_time: float = _PS.compute_time,
+    slowdown: tuple = _PS.slowdown,
+    sigma: float = _PS.sigma,
+    port: int = _PS.port,
+    checkpoint_every: int = _PS.checkpoint_every,
+    max_restarts: int = _PS.max_restarts,
+    faults: tuple = _PS.faults,
+    heartbeat_timeout: int = _PS.heartbeat_timeout,
+    join_timeout: int = _PS.join_timeout,
+    on_ready=None,
+):
+    """A parameter-server run of `model` on `dataset()`; see lmjax/ps/config.py for the fields."""
+    from lmjax.ps.run import run_ps
+
+    values = locals()
+    config = PSConfig(**{f.name: values[f.name] for f in dataclasses.fields(PSConfig)})
+    config = dataclasses.replace(config, slowdown=tuple(slowdown), faults=tuple(faults))
+    data = dataset(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
+    return run_ps(workdir=workdir, model_config=model, data=data,
+                  dataset_args=_dataset_args(), config=config, on_ready=on_ready)
+
+
+def _dataset_args() -> dict:
+    """The `dataset` arguments in effect, so worker processes load the same data."""
+    defaults = {name: p.default for name, p in inspect.signature(dataset).parameters.items()}
+    args = {**defaults, **gin.get_bindings("dataset")}
+    args.pop("workdir")
+    return {"name": args["name"], "tfds_dir": args["tfds_dir"],
+            "manual_dir": args["manual_dir"], "tokenizer": args["tokenizer"],
+            "vocab_size": args["vocab_size"]}

@@ -11,11 +11,11 @@ import os
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
 from lmjax.registry import Registry
-from lmjax.train.checkpoint import Checkpointer
 
 OPTIMIZERS: Registry = Registry("optimizer")
 OPTIMIZERS.register("sgd")(optax.sgd)
@@ -116,34 +116,48 @@ class ServerCore:
 
 
 class ServerCheckpoints:
-    """Orbax checkpoints of a shard through the project's Checkpointer (synchronous saves).
+    """Orbax checkpoints of one shard, saved synchronously and atomically.
 
-    `meta` carries what is not an array: version, worker clocks and the inbox slots still
+    Each shard saves on its own schedule, so orbax runs process-local (the project's
+    Checkpointer syncs all processes of a jax.distributed job at every save). `meta`
+    carries what is not an array: version, worker clocks and the inbox slots still
     needed to rebuild the queue after a restart.
     """
 
     def __init__(self, workdir: str, shard: int):
-        self.checkpointer = Checkpointer(os.path.join(workdir, f"server{shard}", "checkpoints"),
-                                         keep=2, async_save=False)
+        local = ocp.options.MultiprocessingOptions(primary_host=None,
+                                                   active_processes={jax.process_index()},
+                                                   barrier_sync_key_prefix=f"ps_server{shard}")
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True, create=False,
+                                               multiprocessing_options=local)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        directory = os.path.join(os.path.abspath(workdir), f"server{shard}", "checkpoints")
+        os.makedirs(directory, exist_ok=True)
+        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
     def save(self, core: ServerCore, meta: dict) -> None:
-        state = {"params": core.params, "opt_state": core.opt_state}
-        self.checkpointer.save(core.version, state, None, meta)
+        # Host numpy arrays: orbax treats a process's own jax.Array as a piece of a
+        # global array in a multi-process job and refuses to save it alone.
+        state = jax.device_get({"params": core.params, "opt_state": core.opt_state})
+        self.manager.save(core.version, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, core: ServerCore) -> dict | None:
         """Loads the latest checkpoint into `core`; returns its meta (None: fresh start)."""
-        step = self.checkpointer.latest_step()
+        step = self.manager.latest_step()
         if step is None:
             return None
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            {"params": core.params, "opt_state": core.opt_state})
-        state, meta = self.checkpointer.restore(step, abstract)
+        template = jax.device_get({"params": core.params, "opt_state": core.opt_state})
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        state = jax.device_put(restored["state"])
         core.params, core.opt_state = state["params"], state["opt_state"]
+        meta = restored["meta"]
         core.version = meta["version"]
         core.clocks = list(meta["clocks"])
         return meta
 
     def close(self) -> None:
-        self.checkpointer.close()
+        self.manager.close()

@@ -46,9 +46,14 @@ def init_params(model_config: GPTConfig, seed: int) -> dict:
 
 
 def param_shapes(model_config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes only: traces, so it creates no backend (a supervisor must not have one yet)."""
     model = GPT(model_config)
-    tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+
+    def init():
+        tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
+        return model.init(jax.random.key(0), tokens)["params"]
+
+    boxed = jax.eval_shape(init)
     return {k: tuple(v.shape) for k, v in sharding.flatten(nn.unbox(boxed)).items()}
 
 
@@ -94,8 +99,10 @@ class WorkerCore:
         return self.params is None or self.policy.fetch_due(self.clock)
 
     def may_pull(self, statuses: list[Status]) -> bool:
-        return all(self.policy.may_pull(self.clock, v, s)
-                   for v, s in zip(self.versions, statuses, strict=True))
+        return all(self.may_pull_shard(k, s) for k, s in enumerate(statuses))
+
+    def may_pull_shard(self, shard: int, status: Status) -> bool:
+        return self.policy.may_pull(self.clock, self.versions[shard], status)
 
     def take(self, parts: list[dict], statuses: list[Status]) -> None:
         self.params = sharding.unflatten(self.plan.merge(parts))

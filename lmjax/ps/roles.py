@@ -1,0 +1,195 @@
+"""What each process of a jax_distributed run does: serve a shard or work.
+
+Process ids: 0 is the coordinator (the supervisor, or the coordinator role on a
+cluster), 1..S are the server shards, S+1..S+N the workers.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from lmjax.data.pipelines import load_lm_data
+from lmjax.models import GPTConfig
+from lmjax.ps import sharding
+from lmjax.ps.config import PSConfig
+from lmjax.ps.kv import ShardClient, ShardPublisher, is_missing
+from lmjax.ps.metrics import PSMetricWriter
+from lmjax.ps.policies import make_policy
+from lmjax.ps.server import ServerCheckpoints, ServerCore
+from lmjax.ps.worker import WorkerCore, init_params, make_grad_fn, worker_batches
+from lmjax.registry import Registry
+
+HOLE_SECONDS = 5.0  # a slot taken but never written (its worker died mid-push) is skipped
+LIVENESS_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a role process needs, written by the launcher to DIR/ps_spec.json."""
+
+    workdir: str
+    model: dict
+    config: dict
+    dataset: dict  # arguments of load_lm_data besides the tokenizer dir
+    coordinator: str  # host:port
+
+    @property
+    def ps(self) -> PSConfig:
+        fields = {**self.config, "slowdown": tuple(self.config["slowdown"]),
+                  "faults": tuple(self.config["faults"])}
+        return PSConfig(**fields)
+
+    @property
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**self.model)
+
+    @property
+    def num_processes(self) -> int:
+        return 1 + self.ps.num_servers + self.ps.num_workers
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "RunSpec":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def role_of(process_id: int, config: PSConfig) -> tuple[str, int]:
+    if process_id == 0:
+        return "coordinator", 0
+    if process_id <= config.num_servers:
+        return "server", process_id - 1
+    return "worker", process_id - 1 - config.num_servers
+
+
+def _plan(spec: RunSpec):
+    params = init_params(spec.model_config, spec.ps.seed)
+    plan = sharding.plan_shards({k: v.shape for k, v in params.items()}, spec.ps.num_servers)
+    return params, plan
+
+
+ROLES: Registry = Registry("role")
+
+
+@ROLES.register("server")
+def run_server(spec: RunSpec, shard: int, client) -> None:
+    config = spec.ps
+    params, plan = _plan(spec)
+    core = ServerCore(shard, plan.split(params)[shard], config, make_policy(config))
+    checkpoints = ServerCheckpoints(spec.workdir, shard)
+    publisher = ShardPublisher(client, plan, shard)
+    meta = checkpoints.restore(core) or {"cursor": 1, "floor": 1, "pending": []}
+    # Gradients queued at the checkpoint are still in the inbox: read them back.
+    core.pending = [publisher.read(slot, 60_000) for slot in meta["pending"]]
+    writer = PSMetricWriter(spec.workdir, core.version) if shard == 0 else None
+    start = float(client.blocking_key_value_get("ps/start", 600_000))
+    publisher.publish(core.status(), core.params_numpy())
+    client.key_value_set(f"ps/ready/server{shard}", "1", allow_overwrite=True)
+    state = {"cursor": meta["cursor"], "floor": meta["floor"], "hole": None, "live": 0.0}
+    while not core.status().done:
+        push = publisher.read(state["cursor"])
+        if push is None:
+            _idle(core, publisher, client, config, state)
+            continue
+        state["cursor"] += 1
+        state["hole"] = None
+        records = core.receive(push, time.time() - start)
+        publisher.publish(core.status(), core.params_numpy() if records else None)
+        for record in records if writer else ():
+            writer.write(record)
+        if records and (core.version % config.checkpoint_every == 0 or core.status().done):
+            _checkpoint(core, checkpoints, publisher, state)
+    checkpoints.close()
+
+
+def _checkpoint(core: ServerCore, checkpoints, publisher, state: dict) -> None:
+    """Saves, then deletes the inbox slots the checkpoint covers (acknowledged updates)."""
+    pending = [p.slot for p in core.pending]
+    floor = min([*pending, state["cursor"]])
+    checkpoints.save(core, {"version": core.version, "clocks": core.clocks,
+                            "cursor": state["cursor"], "floor": floor, "pending": pending})
+    publisher.forget(range(state["floor"], floor))
+    state["floor"] = floor
+
+
+def _idle(core: ServerCore, publisher, client, config: PSConfig, state: dict) -> None:
+    """No gradient arrived: refresh which workers live (SSP rounds skip dead ones) and
+    skip an inbox slot whose writer died between taking and filling it.
+
+    The supervisor marks dead workers under `ps/dead/` (`get_live_nodes` cannot serve
+    here: it is a barrier that every listed process must enter).
+    """
+    now = time.time()
+    if now - state["live"] > LIVENESS_SECONDS:
+        state["live"] = now
+        dead = {name.rsplit("/", 1)[-1] for name, _ in client.key_value_dir_get("ps/dead/")}
+        alive = {w for w in range(config.num_workers) if f"worker{w}" not in dead}
+        if alive != core.alive:
+            core.alive = alive
+            publisher.publish(core.status(), None)
+    if publisher.slots_written() >= state["cursor"]:
+        state["hole"] = state["hole"] or now
+        if now - state["hole"] > HOLE_SECONDS:
+            state["cursor"] += 1
+            state["hole"] = None
+
+
+@ROLES.register("worker")
+def run_worker(spec: RunSpec, index: int, client) -> None:
+    config = spec.ps
+    _, plan = _plan(spec)
+    data = load_lm_data(**spec.dataset, tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
+    shards = [ShardClient(client, plan, k) for k in range(config.num_servers)]
+    first = shards[0].status()[0]
+    core = WorkerCore(index, config, make_policy(config), plan, make_grad_fn(spec.model_config),
+                      worker_batches(data.train, spec.model_config.block_size,
+                                     config.batch_size, config.num_workers, index, config.seed),
+                      clock=first.clocks[index])  # a restarted worker goes on from its clock
+    client.key_value_set(f"ps/ready/worker{index}", "1", allow_overwrite=True)
+    start, idle = time.time(), 0.0
+    while True:
+        if core.wants_fetch():
+            waited = time.time()
+            statuses = _wait_for_pull(core, shards)
+            idle += time.time() - waited
+            if statuses is None:
+                break
+            parts = [s.pull(st.version) for s, st in zip(shards, statuses, strict=True)]
+            if any(p is None for p in parts):  # a newer version replaced it meanwhile
+                continue
+            core.take(parts, statuses)
+        elif shards[0].status()[0].done:
+            break
+        for shard, push in zip(shards, core.step() or [], strict=False):
+            shard.push(push)
+    final = {"gradients": core.clock, "idle_fraction": idle / max(time.time() - start, 1e-9),
+             "pushed_bytes": core.pushed_bytes, "pulled_bytes": core.pulled_bytes}
+    client.key_value_set(f"ps/final/worker{index}", json.dumps(final), allow_overwrite=True)
+
+
+def _wait_for_pull(core: WorkerCore, shards: list[ShardClient]):
+    """Statuses once the policy lets this worker read every shard; None when the run ended."""
+    while True:
+        pairs = [s.status() for s in shards]
+        statuses = [status for status, _ in pairs]
+        if any(s.done for s in statuses):
+            return None
+        if core.may_pull(statuses):
+            return statuses
+        blocked = next(k for k, s in enumerate(statuses) if not core.may_pull_shard(k, s))
+        shards[blocked].wait_change(pairs[blocked][1])
+
+
+def read_finals(client, config: PSConfig) -> dict[int, dict]:
+    finals = {}
+    for w in range(config.num_workers):
+        try:
+            finals[w] = json.loads(client.key_value_try_get(f"ps/final/worker{w}"))
+        except Exception as err:  # noqa: BLE001
+            if not is_missing(err):
+                raise
+    return finals
