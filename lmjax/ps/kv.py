@@ -172,6 +172,16 @@ class ShardPublisher:
             raise
         return decode_push(payload, self.plan, self.shard, slot)
 
+    def try_read(self, slot: int) -> Push | None:
+        """The gradient in inbox `slot` if it is already there."""
+        try:
+            payload = self.client.key_value_try_get_bytes(key(self.shard, "inbox", slot))
+        except Exception as err:  # noqa: BLE001
+            if is_missing(err):
+                return None
+            raise
+        return decode_push(payload, self.plan, self.shard, slot)
+
     def forget(self, slots) -> None:
         for slot in slots:
             self._delete(key(self.shard, "inbox", slot))

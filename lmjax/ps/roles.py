@@ -22,6 +22,7 @@ from lmjax.registry import Registry
 
 HOLE_SECONDS = 5.0  # a slot taken but never written (its worker died mid-push) is skipped
 LIVENESS_SECONDS = 1.0
+MAX_BACKLOG = 64  # gradients applied between two publications at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ def run_server(spec: RunSpec, shard: int, client) -> None:
     # Gradients queued at the checkpoint are still in the inbox: read them back.
     core.pending = [publisher.read(slot, 60_000) for slot in meta["pending"]]
     writer = PSMetricWriter(spec.workdir, core.version) if shard == 0 else None
+    core.warm_up()
     start = float(client.blocking_key_value_get("ps/start", 600_000))
     publisher.publish(core.status(), core.params_numpy())
     client.key_value_set(f"ps/ready/server{shard}", "1", allow_overwrite=True)
@@ -95,14 +97,20 @@ def run_server(spec: RunSpec, shard: int, client) -> None:
         if push is None:
             _idle(core, publisher, client, config, state)
             continue
-        state["cursor"] += 1
         state["hole"] = None
-        records = core.receive(push, time.time() - start)
-        publisher.publish(core.status(), core.params_numpy() if records else None)
-        for record in records if writer else ():
-            writer.write(record)
-        if records and (core.version % config.checkpoint_every == 0 or core.status().done):
-            _checkpoint(core, checkpoints, publisher, state)
+        applied, count = False, 0
+        # Apply the backlog, then publish once: one parameter upload per batch.
+        while push is not None and not core.status().done:
+            count += 1
+            state["cursor"] = push.slot + 1
+            records = core.receive(push, time.time() - start)
+            applied = applied or bool(records)
+            for record in records if writer else ():
+                writer.write(record)
+            if records and (core.version % config.checkpoint_every == 0 or core.status().done):
+                _checkpoint(core, checkpoints, publisher, state)
+            push = publisher.try_read(state["cursor"]) if count < MAX_BACKLOG else None
+        publisher.publish(core.status(), core.params_numpy() if applied else None)
     checkpoints.close()
 
 

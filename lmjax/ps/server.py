@@ -6,12 +6,13 @@ the parameters are published.
 """
 
 import functools
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
@@ -70,6 +71,11 @@ class ServerCore:
         self.bytes = {w: (0, 0) for w in range(config.num_workers)}
         self.dropped = 0
 
+    def warm_up(self) -> None:
+        """Compiles the update before workers start, so early gradients do not pile up."""
+        zeros = {k: np.zeros(v.shape, np.float32) for k, v in self.params.items()}
+        jax.block_until_ready(self._update(self.params, self.opt_state, zeros, np.float32(0)))
+
     def status(self) -> Status:
         live = [self.clocks[w] for w in sorted(self.alive)] or [max(self.clocks)]
         return Status(self.version, min(live), self.version >= self.config.num_updates,
@@ -116,48 +122,61 @@ class ServerCore:
 
 
 class ServerCheckpoints:
-    """Orbax checkpoints of one shard, saved synchronously and atomically.
+    """Checkpoints of one shard: a directory written under a temporary name, then renamed.
 
-    Each shard saves on its own schedule, so orbax runs process-local (the project's
-    Checkpointer syncs all processes of a jax.distributed job at every save). `meta`
-    carries what is not an array: version, worker clocks and the inbox slots still
-    needed to rebuild the queue after a restart.
+    Orbax (0.12.8) cannot serve here: in a multi-process job it writes numpy arrays from
+    process 0 only and refuses a process's own jax.Arrays, while every shard saves its
+    own state on its own schedule. A rename is atomic, so a killed shard leaves either
+    the whole checkpoint or none. `meta` carries what is not an array: version, worker
+    clocks and the inbox slots still needed to rebuild the queue after a restart.
     """
 
-    def __init__(self, workdir: str, shard: int):
-        local = ocp.options.MultiprocessingOptions(primary_host=None,
-                                                   active_processes={jax.process_index()},
-                                                   barrier_sync_key_prefix=f"ps_server{shard}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True, create=False,
-                                               multiprocessing_options=local)
-        handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        directory = os.path.join(os.path.abspath(workdir), f"server{shard}", "checkpoints")
-        os.makedirs(directory, exist_ok=True)
-        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    def __init__(self, workdir: str, shard: int, keep: int = 2):
+        self.directory = os.path.join(os.path.abspath(workdir), f"server{shard}", "checkpoints")
+        self.keep = keep
+        os.makedirs(self.directory, exist_ok=True)
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp"):  # left by a killed save
+                shutil.rmtree(os.path.join(self.directory, name))
+
+    def steps(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
 
     def save(self, core: ServerCore, meta: dict) -> None:
-        # Host numpy arrays: orbax treats a process's own jax.Array as a piece of a
-        # global array in a multi-process job and refuses to save it alone.
-        state = jax.device_get({"params": core.params, "opt_state": core.opt_state})
-        self.manager.save(core.version, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        final = os.path.join(self.directory, str(core.version))
+        tmp = final + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        leaves = jax.tree.leaves(jax.device_get(core.opt_state))
+        arrays = {f"params/{k}": v for k, v in jax.device_get(core.params).items()}
+        arrays.update({f"opt_state/{i}": np.asarray(v) for i, v in enumerate(leaves)})
+        with open(os.path.join(tmp, "state.npz"), "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for step in self.steps()[:-self.keep]:
+            shutil.rmtree(os.path.join(self.directory, str(step)))
 
     def restore(self, core: ServerCore) -> dict | None:
         """Loads the latest checkpoint into `core`; returns its meta (None: fresh start)."""
-        step = self.manager.latest_step()
-        if step is None:
+        steps = self.steps()
+        if not steps:
             return None
-        template = jax.device_get({"params": core.params, "opt_state": core.opt_state})
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-        state = jax.device_put(restored["state"])
-        core.params, core.opt_state = state["params"], state["opt_state"]
-        meta = restored["meta"]
+        path = os.path.join(self.directory, str(steps[-1]))
+        with np.load(os.path.join(path, "state.npz")) as state:
+            core.params = jax.device_put({k: state[f"params/{k}"] for k in core.params})
+            treedef = jax.tree.structure(core.opt_state)
+            leaves = [state[f"opt_state/{i}"] for i in range(treedef.num_leaves)]
+        core.opt_state = jax.device_put(jax.tree.unflatten(treedef, leaves))
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
         core.version = meta["version"]
         core.clocks = list(meta["clocks"])
         return meta
 
     def close(self) -> None:
-        self.manager.close()
+        pass

@@ -1,0 +1,132 @@
+"""Parameter server as real processes through jax.distributed on 127.0.0.1."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from lmjax.models import GPTConfig
+from lmjax.ps.config import PSConfig
+from lmjax.ps.inproc import run_inproc
+
+SYNC = "configs/ps/shakespeare_sync.gin"
+ASYNC = "configs/ps/shakespeare_async.gin"
+# configs/models/gpt_tiny.gin and the sync config's ps settings, for the inproc twin.
+TINY = GPTConfig(vocab_size=65, num_layers=2, num_heads=2, embed_dim=32, block_size=32)
+
+
+def run_ps(workdir, config, *params, timeout=400):
+    args = ["ps", f"--workdir={workdir}", f"--gin_file={config}"]
+    return run_cli(*args, *[f"--gin_param={p}" for p in params], timeout=timeout)
+
+
+def records(workdir, split="train"):
+    lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def leftover_processes(workdir) -> list[str]:
+    """Processes still running from this run (their command line names its spec)."""
+    marker = os.path.join(str(workdir), "ps_spec.json").encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path("/proc", pid, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(pid)
+    return found
+
+
+def inproc_losses(num_updates):
+    from lmjax.data.pipelines import load_lm_data
+
+    config = PSConfig(policy="bsp", num_workers=2, num_updates=num_updates, batch_size=8,
+                      optimizer="adam", learning_rate=1e-3, seed=0)
+    result = run_inproc(workdir=None, model_config=TINY, data=load_lm_data("tiny_shakespeare"),
+                        config=config)
+    return [r["loss"] for r in result.records if r["split"] == "train"]
+
+
+def test_jax_distributed_sync_equals_inproc(tmp_path):
+    out = run_ps(tmp_path, SYNC, "ps.num_updates=12")
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = [r["loss"] for r in records(tmp_path)]
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 13))
+    np.testing.assert_allclose(got, inproc_losses(12), rtol=1e-5)
+    workers = records(tmp_path, "worker")
+    assert sorted(r["worker"] for r in workers) == [0, 1]
+    assert all(0 <= r["idle_fraction"] < 1 for r in workers)
+    assert not leftover_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_worker_does_not_stop_async(tmp_path):
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=30", "ps.faults=['worker1@6']")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "worker1 died" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert {w for r in train[-10:] for w in r["workers"]} == {0}
+    assert not leftover_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_server_resumes_from_checkpoint(tmp_path):
+    out = run_ps(tmp_path, SYNC, "ps.num_updates=24", "ps.checkpoint_every=6",
+                 "ps.faults=['server0@10']", "ps.max_restarts=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "killed server0" in out.stdout and "restarted server0" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 25))  # each update once, none lost
+    # The restarted shard replays the gradients after its checkpoint: the run equals an
+    # uninterrupted one.
+    np.testing.assert_allclose([r["loss"] for r in train], inproc_losses(24), rtol=1e-5)
+    log = Path(tmp_path, "logs", "server0.log").read_text()
+    assert log.count("Traceback") == 0
+    assert not leftover_processes(tmp_path)
+
+
+def test_port_in_use_fails_before_starting(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        out = run_ps(tmp_path, SYNC, f"ps.port={port}")
+    assert out.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in out.stderr
+    assert not Path(tmp_path, "logs").exists()  # nothing was started
+
+
+def test_process_that_cannot_join_stops_everything(tmp_path):
+    out = run_ps(tmp_path, SYNC, "ps.join_timeout=2")
+    assert out.returncode == 1
+    assert "did not all join within ps.join_timeout=2" in out.stderr
+    assert Path(tmp_path, "logs").exists()  # processes were started ...
+    assert not leftover_processes(tmp_path)  # ... and all stopped
+
+
+def test_contradictory_config_fails_before_starting(tmp_path):
+    out = run_ps(tmp_path, SYNC, "ps.num_servers=1000")
+    assert out.returncode == 1, out.stderr
+    assert "ps.num_servers=1000 exceeds the model's" in out.stderr
+    assert not Path(tmp_path, "logs").exists()
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"staleness_bound": -2}, "staleness_bound must be"),
+    ({"policy": "softsync", "softsync_n": 3}, "does not divide"),
+    ({"policy": "hogwild"}, "unknown ps.policy 'hogwild'"),
+    ({"policy": "backup", "backup_workers": 2}, "backup_workers=2 must be"),
+    ({"faults": ("worker7@3",)}, "bad ps.faults entry"),
+])
+def test_config_check_names_the_problem(changes, message):
+    from lmjax.ps.run import check
+
+    with pytest.raises(ValueError, match=message):
+        check(PSConfig(**changes), TINY)
