@@ -296,6 +296,10 @@ def role_main(argv: list[str] | None = None) -> None:
 
     client = kv_client()
     role, index = role_of(jax.process_index(), config)
+    if spec.bench:
+        from lmjax.ps.bench import raw_phase
+
+        raw_phase(spec, role, client)
     if role == "coordinator":
         run_cluster_coordinator(spec, client)
     else:

@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 from lmjax.data.pipelines import load_lm_data
 from lmjax.models import GPTConfig
 from lmjax.ps import sharding
@@ -34,6 +36,7 @@ class RunSpec:
     config: dict
     dataset: dict  # arguments of load_lm_data besides the tokenizer dir
     coordinator: str  # host:port
+    bench: bool = False  # lmjax/ps/bench.py: measure raw KV transfers, then no-compute updates
 
     @property
     def ps(self) -> PSConfig:
@@ -153,7 +156,8 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
     data = load_lm_data(**spec.dataset, tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
     shards = [ShardClient(client, plan, k) for k in range(config.num_servers)]
     first = shards[0].status()[0]
-    core = WorkerCore(index, config, make_policy(config), plan, make_grad_fn(spec.model_config),
+    grad_fn = echo_grads if spec.bench else make_grad_fn(spec.model_config)
+    core = WorkerCore(index, config, make_policy(config), plan, grad_fn,
                       worker_batches(data.train, spec.model_config.block_size,
                                      config.batch_size, config.num_workers, index, config.seed),
                       clock=first.clocks[index])  # a restarted worker goes on from its clock
@@ -174,9 +178,19 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
             break
         for shard, push in zip(shards, core.step() or [], strict=False):
             shard.push(push)
-    final = {"gradients": core.clock, "idle_fraction": idle / max(time.time() - start, 1e-9),
-             "pushed_bytes": core.pushed_bytes, "pulled_bytes": core.pulled_bytes}
+    seconds = time.time() - start
+    final = {"gradients": core.clock, "idle_fraction": idle / max(seconds, 1e-9),
+             "seconds": seconds, "pushed_bytes": core.pushed_bytes,
+             "pulled_bytes": core.pulled_bytes}
     client.key_value_set(f"ps/final/worker{index}", json.dumps(final), allow_overwrite=True)
+
+
+def echo_grads(params, batch):
+    """The benchmark's stand-in for the model, without compute: the parameters themselves
+    as gradients, so pushes carry bytes as varied as pulls (the store compresses)."""
+    del batch
+    return 0.0, {k: np.array(v, copy=True) for k, v in sharding.flatten(params).items()}
+
 
 
 def _wait_for_pull(core: WorkerCore, shards: list[ShardClient]):
