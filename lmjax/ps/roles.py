@@ -176,13 +176,23 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
             core.take(parts, statuses)
         elif shards[0].status()[0].done:
             break
-        for shard, push in zip(shards, core.step() or [], strict=False):
+        began = time.time()
+        pushes = core.step()
+        _straggle(config, index, time.time() - began)
+        for shard, push in zip(shards, pushes or [], strict=False):
             shard.push(push)
     seconds = time.time() - start
     final = {"gradients": core.clock, "idle_fraction": idle / max(seconds, 1e-9),
              "seconds": seconds, "pushed_bytes": core.pushed_bytes,
              "pulled_bytes": core.pulled_bytes}
     client.key_value_set(f"ps/final/worker{index}", json.dumps(final), allow_overwrite=True)
+
+
+def _straggle(config: PSConfig, index: int, seconds: float) -> None:
+    """A worker with slow-down factor f takes f times its real compute time."""
+    factor = config.slowdown[index] if index < len(config.slowdown) else 1.0
+    if factor > 1:
+        time.sleep((factor - 1) * seconds)
 
 
 def echo_grads(params, batch):
