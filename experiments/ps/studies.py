@@ -1,6 +1,6 @@
 """In-process (virtual time) studies of the parameter server; tables and plots.
 
-    python experiments/ps/studies.py {staleness,bounded,backup,all} [--out experiments/ps]
+    python experiments/ps/studies.py {staleness,bounded,backup,ssp_distribution,all} [--out DIR]
 
 Every run is `lmjax.ps.inproc.run_inproc` on the tiny GPT (configs/models/gpt_tiny.gin)
 and Tiny Shakespeare; gradients are real, time is virtual (1 unit = one gradient at
@@ -8,7 +8,6 @@ slow-down 1). Results go to OUT/results/*.json, plots to OUT/*.png, tables to st
 """
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -68,14 +67,15 @@ def staleness_study(data, out: str) -> dict:
             staleness = float(np.mean([r["updates_behind"] for r in records]))
             rows.append({"lr": scaling, "n": n, "updates": updates, "eval_loss": loss,
                          "mean_staleness": staleness})
-            curves[f"{scaling}, n={n}"] = (
+            label = f"{scaling}, n={n}" + (" (diverged)" if not np.isfinite(loss) else "")
+            curves[label] = (
                 [r["step"] * learners // n for r in records], smoothed(records).tolist())
             print(rows[-1], flush=True)
     sync = {r["lr"]: r["eval_loss"] for r in rows if r["n"] == 1}
     for row in rows:
         row["vs_sync"] = row["eval_loss"] / sync[row["lr"]] - 1
     _plot(curves, "gradients processed", "training loss (10-update mean)",
-          "n-softsync, lambda=30", os.path.join(out, "staleness_lr.png"))
+          "n-softsync, lambda=30", os.path.join(out, "staleness_lr.png"), ylim=(2.8, 4.6))
     return {"rows": rows}
 
 
@@ -128,11 +128,35 @@ def backup_study(data, out: str) -> dict:
     return {"target": target, "rows": rows}
 
 
-def _plot(curves: dict, xlabel: str, ylabel: str, title: str, path: str) -> None:
+def ssp_distribution_study(data, out: str) -> dict:
+    """Staleness of every applied gradient under SSP over 30 seeds (the test's setup)."""
+    micro = GPTConfig(vocab_size=65, num_layers=1, num_heads=1, embed_dim=16, block_size=8)
+    rows = []
+    for s in (0, 1, 3, 8):
+        counts = {}
+        for seed in range(30):
+            config = PSConfig(policy="ssp", staleness_bound=s, num_workers=4, num_updates=40,
+                              batch_size=1, optimizer="sgd", learning_rate=0.1,
+                              delay="lognormal", sigma=1.0, slowdown=(1.0, 1.0, 2.0, 4.0),
+                              seed=seed)
+            result = run_inproc(workdir=None, model_config=micro, data=data, config=config)
+            for r in train(result):
+                counts[r["staleness"]] = counts.get(r["staleness"], 0) + 1
+        total = sum(counts.values())
+        rows.append({"s": s, "gradients": total, "max": max(counts),
+                     "distribution": " ".join(f"{k}:{counts[k] / total:.2f}"
+                                              for k in sorted(counts))})
+        print(rows[-1], flush=True)
+    return {"rows": rows}
+
+
+def _plot(curves: dict, xlabel: str, ylabel: str, title: str, path: str, ylim=None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -147,7 +171,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STUDIES = {"staleness": staleness_study, "bounded": bounded_study, "backup": backup_study}
+STUDIES = {"staleness": staleness_study, "bounded": bounded_study, "backup": backup_study,
+           "ssp_distribution": ssp_distribution_study}
 
 
 def main() -> None:

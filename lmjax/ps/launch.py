@@ -241,6 +241,8 @@ def _handle_death(sup: Supervisor, pid: int, code: int, client) -> None:
         return
     if name.startswith("worker") and config.policy in TOLERANT:
         dead = len(sup.dead) + 1
+        if dead == config.num_workers:
+            sup.fail(f"{name} died (exit code {code}) and no worker is left", pid)
         if config.policy != "backup" or dead <= config.backup_workers:
             sup.dead.add(pid)
             _mark(client, name, dead=True)
