@@ -130,3 +130,16 @@ def test_config_check_names_the_problem(changes, message):
 
     with pytest.raises(ValueError, match=message):
         check(PSConfig(**changes), TINY)
+
+
+@pytest.mark.slow
+def test_restarted_worker_rejoins_synchronous_run(tmp_path):
+    """A killed synchronous worker restarts, pulls the latest parameters and goes on from
+    its clock (its data position), so the run equals an uninterrupted one."""
+    out = run_ps(tmp_path, SYNC, "ps.num_updates=20", "ps.faults=['worker1@8']",
+                 "ps.max_restarts=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "restarted worker1" in out.stdout
+    train = records(tmp_path)
+    np.testing.assert_allclose([r["loss"] for r in train], inproc_losses(20), rtol=1e-5)
+    assert not leftover_processes(tmp_path)

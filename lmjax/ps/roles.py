@@ -162,6 +162,8 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
                                      config.batch_size, config.num_workers, index, config.seed),
                       clock=first.clocks[index])  # a restarted worker goes on from its clock
     client.key_value_set(f"ps/ready/worker{index}", "1", allow_overwrite=True)
+    for other in range(config.num_workers):  # start together (a restarted worker passes)
+        client.blocking_key_value_get(f"ps/ready/worker{other}", config.join_timeout * 1000)
     start, idle = time.time(), 0.0
     while True:
         if core.wants_fetch():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 from lmjax.data.pipelines import LMData
 from lmjax.models import GPTConfig
@@ -50,13 +51,24 @@ def check(config: ps_config.PSConfig, model_config: GPTConfig) -> None:
     ps_config.validate(config, len(param_shapes(model_config)), known)
 
 
+def _start_over(workdir: str) -> None:
+    """A run starts from scratch: shard checkpoints only serve restarts within a run,
+    because the gradients they wait for live in that run's coordination service."""
+    os.makedirs(workdir, exist_ok=True)
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if name in ("logs", "metrics.jsonl", "summary.json") or name.startswith("server"):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
 def run_ps(*, workdir: str, model_config: GPTConfig, data: LMData, dataset_args: dict,
            config: ps_config.PSConfig, on_ready=None) -> dict:
     """Checks the config, then runs the job; metrics go to workdir/metrics.jsonl."""
     check(config, model_config)
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-        os.remove(os.path.join(workdir, "metrics.jsonl"))  # a rerun starts over
+    _start_over(workdir)
     if on_ready is not None:
         on_ready()
     summary = TRANSPORTS.get(config.transport)(workdir=workdir, model_config=model_config,
