@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 
 from lmjax.data.pipelines import load_lm_data
@@ -161,6 +162,9 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
                       worker_batches(data.train, spec.model_config.block_size,
                                      config.batch_size, config.num_workers, index, config.seed),
                       clock=first.clocks[index])  # a restarted worker goes on from its clock
+    # Compile before the start, so a slow compile does not make the first gradient stale.
+    jax.block_until_ready(grad_fn(sharding.unflatten(init_params(spec.model_config, 0)),
+                                  core.batches[core.clock]))
     client.key_value_set(f"ps/ready/worker{index}", "1", allow_overwrite=True)
     for other in range(config.num_workers):  # start together (a restarted worker passes)
         client.blocking_key_value_get(f"ps/ready/worker{other}", config.join_timeout * 1000)
