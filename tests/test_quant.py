@@ -60,7 +60,7 @@ def test_int8_decoding_is_close_and_uses_the_dequantised_weights(model_params):
     apply = jax.jit(lambda p, t: model.apply({"params": quant.dequantize(p)}, t))
     full_fp32, full_int8 = apply(params, tokens), apply(qparams, tokens)
     decoder = Decoder(model, prepare=quant.dequantize)
-    logits, _ = decoder.prefill(qparams, decoder.new_cache(2), jnp.arange(2), tokens,
+    logits, _ = decoder.prefill(qparams, decoder.new_cache(2), 0, tokens,
                                 np.zeros(2, np.int32), np.array([16, 16], np.int32))
     np.testing.assert_allclose(logits[:, :65], full_int8[:, -1, :65], atol=1e-5, rtol=0)
     diff = np.abs(np.asarray(full_int8 - full_fp32)[..., :65]).max()

@@ -125,7 +125,10 @@ class CausalSelfAttention(nn.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """One layer's keys and values, preallocated: (batch, max_length, heads, head_dim) each.
+    """One layer's keys and values, preallocated: (batch, heads, max_length, head_dim) each.
+
+    Heads before positions, so attention's batched matmuls read the cache in place
+    (with positions first, XLA on CPU transposed the whole cache at every step).
 
     Row b holds the keys/values of positions 0..n-1 of sequence b; entries past a row's
     length may hold stale values, which attention never reads (it only looks at keys
@@ -138,7 +141,7 @@ class KVCache:
     @classmethod
     def zeros(cls, batch: int, max_length: int, heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        shape = (batch, max_length, heads, head_dim)
+        shape = (batch, heads, max_length, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "KVCache":
@@ -148,8 +151,10 @@ class KVCache:
         onto real entries.
         """
         rows = jnp.arange(k.shape[0])[:, None]
-        keys = self.keys.at[rows, positions].set(k.astype(self.keys.dtype), mode="drop")
-        values = self.values.at[rows, positions].set(v.astype(self.values.dtype), mode="drop")
+        # [rows, :, positions] indexes (batch, length, heads, head_dim): k's own layout.
+        keys = self.keys.at[rows, :, positions].set(k.astype(self.keys.dtype), mode="drop")
+        values = self.values.at[rows, :, positions].set(v.astype(self.values.dtype),
+                                                        mode="drop")
         return KVCache(keys, values)
 
 
@@ -161,12 +166,12 @@ def cached_attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.
     """
     scale = q.shape[-1] ** -0.5
     # (batch, heads, length, max_length)
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, cache.keys.astype(q.dtype)).astype(jnp.float32)
-    key_pos = jnp.arange(cache.keys.shape[1])
+    scores = jnp.einsum("bqnh,bnkh->bnqk", q, cache.keys.astype(q.dtype)).astype(jnp.float32)
+    key_pos = jnp.arange(cache.keys.shape[2])
     visible = key_pos[None, None, None, :] <= positions[:, None, :, None]
     scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", weights, cache.values.astype(q.dtype))
+    return jnp.einsum("bnqk,bnkh->bqnh", weights, cache.values.astype(q.dtype))
 
 
 class Mlp(nn.Module):

@@ -25,6 +25,9 @@ from lmjax.serve.generate import Decoder, SamplingParams, StopChecker, bucket
 from lmjax.serve.scheduler import Scheduler
 
 
+_GREEDY = SamplingParams(temperature=0.0)
+
+
 class QueueFullError(RuntimeError):
     """The engine holds `max_jobs` jobs already; retry later."""
 
@@ -190,7 +193,7 @@ class Engine:
         tokens = np.zeros((1, width), np.int32)
         tokens[0, : len(job.prompt)] = job.prompt
         logits, self.cache = self.decoder.prefill(
-            self.params, self.cache, jnp.asarray([job.slot]), tokens, np.zeros(1, np.int32),
+            self.params, self.cache, job.slot, tokens, np.zeros(1, np.int32),
             np.array([len(job.prompt)], np.int32))
         job.length = len(job.prompt)
         self._emit([job], self._sample(logits, [job]))
@@ -201,19 +204,18 @@ class Engine:
         active = np.zeros(self.slots, bool)
         for job in jobs:
             tokens[job.slot], lengths[job.slot], active[job.slot] = job.out[-1], job.length, True
-        logits, self.cache = self.decoder.decode(self.params, self.cache, tokens, lengths, active)
+        by_slot = [None] * self.slots  # every row samples: one compiled shape
+        for job in jobs:
+            by_slot[job.slot] = job
+        new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
+                                                     active, *_sampling_arrays(by_slot))
         for job in jobs:
             job.length += 1
-        slots = np.array([job.slot for job in jobs])
-        self._emit(jobs, self._sample(logits[slots], jobs))
+        self._emit(jobs, np.asarray(new)[[job.slot for job in jobs]])
 
-    def _sample(self, logits: jax.Array, jobs: list[Job]) -> np.ndarray:
-        o = [j.options for j in jobs]
-        return np.asarray(self.decoder.sample(
-            logits, np.array([x.temperature for x in o], np.float32),
-            np.array([x.top_k for x in o], np.int32), np.array([x.top_p for x in o], np.float32),
-            np.array([x.seed for x in o], np.uint32),
-            np.array([len(j.out) for j in jobs], np.int32)))
+    def _sample(self, logits: jax.Array, jobs: list[Job | None]) -> np.ndarray:
+        """One token per row of logits; rows without a job (None) sample greedily."""
+        return np.asarray(self.decoder.sample(logits, *_sampling_arrays(jobs)))
 
     def _emit(self, jobs: list[Job], tokens: np.ndarray) -> None:
         now = self.clock()
@@ -285,21 +287,21 @@ class Engine:
             for repeat in range(2):  # the second call is the timed one
                 t = self.clock()
                 logits, self.cache = self.decoder.prefill(
-                    self.params, self.cache, jnp.asarray([0]), np.zeros((1, width), np.int32),
+                    self.params, self.cache, 0, np.zeros((1, width), np.int32),
                     np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
                 jax.block_until_ready(logits)
                 if repeat:
                     sizes.append(width)
                     times.append(self.clock() - t)
-        self._sample(logits, [Job([0], SamplingParams())])
+        self._sample(logits, [None])
         zeros = np.zeros(self.slots, np.int32)
         for _ in range(2):  # the second call is the timed one
             t = self.clock()
-            logits, self.cache = self.decoder.decode(self.params, self.cache, zeros, zeros,
-                                                     np.zeros(self.slots, bool))
-            jax.block_until_ready(logits)
+            new, self.cache = self.decoder.decode_sample(
+                self.params, self.cache, zeros, zeros, np.zeros(self.slots, bool),
+                *_sampling_arrays([None] * self.slots))
+            jax.block_until_ready(new)
             self.decode_seconds = self.clock() - t
-        self._sample(logits, [Job([0], SamplingParams())] * self.slots)
         self.cache = self._write_row(self.cache, 0, jax.device_get(self._read_row(self.cache, 0)))
         b, a = np.polyfit(sizes, times, 1) if len(sizes) > 1 else (times[0] / sizes[0], 0.0)
         self.prefill_cost = (max(float(a), 0.0), max(float(b), 0.0))
@@ -331,6 +333,15 @@ class Engine:
         """Steps in the calling thread until no job is left (tests, benchmarks)."""
         while self.step():
             pass
+
+
+def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:
+    """Per-row sampling arguments of `sample_tokens`; rows without a job are greedy."""
+    o = [j.options if j is not None else _GREEDY for j in jobs]
+    return (np.array([x.temperature for x in o], np.float32),
+            np.array([x.top_k for x in o], np.int32), np.array([x.top_p for x in o], np.float32),
+            np.array([x.seed for x in o], np.uint32),
+            np.array([len(j.out) if j is not None else 0 for j in jobs], np.int32))
 
 
 def _write_row(cache, slot, rows):

@@ -85,6 +85,7 @@ class Decoder:
         self.prefill = jax.jit(self._prefill, donate_argnums=1)
         self.decode = jax.jit(self._decode, donate_argnums=1)
         self.sample = jax.jit(sample_tokens)
+        self.decode_sample = jax.jit(self._decode_sample, donate_argnums=1)
 
     def new_cache(self, batch: int):
         return init_cache(self.config, batch)
@@ -93,8 +94,9 @@ class Decoder:
         return self.model.apply({"params": self._prepare(params)}, tokens, cache=cache,
                                 positions=positions)
 
-    def _prefill(self, params, cache, rows, tokens, starts, counts):
-        """Writes tokens (R, T) of cache rows `rows` (R,) at starts + 0..counts-1.
+    def _prefill(self, params, cache, first_row, tokens, starts, counts):
+        """Writes tokens (R, T) into cache rows first_row..first_row+R-1 at positions
+        starts + 0..counts-1 (starts, counts: (R,)).
 
         Returns logits of each row's last real token (R, vocab) and the cache. Padding
         tokens (t >= counts) get a position past the cache, so their writes are dropped.
@@ -102,10 +104,13 @@ class Decoder:
         steps = jnp.arange(tokens.shape[1])
         positions = starts[:, None] + steps
         positions = jnp.where(steps < counts[:, None], positions, self.config.block_size)
-        part = [jax.tree.map(lambda x: x[rows], layer) for layer in cache]
+        rows = tokens.shape[0]
+        part = [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first_row, rows), layer)
+                for layer in cache]
         logits, part = self._forward(params, part, tokens, positions)
-        cache = [jax.tree.map(lambda full, new: full.at[rows].set(new), layer, new_layer)
-                 for layer, new_layer in zip(cache, part, strict=True)]
+        cache = [jax.tree.map(
+            lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new, first_row, 0),
+            layer, new_layer) for layer, new_layer in zip(cache, part, strict=True)]
         last = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
         return last, cache
 
@@ -115,6 +120,11 @@ class Decoder:
         positions = jnp.where(active, lengths, self.config.block_size)[:, None]
         logits, cache = self._forward(params, cache, tokens[:, None], positions)
         return logits[:, 0], cache
+
+    def _decode_sample(self, params, cache, tokens, lengths, active, *sampling):
+        """A decode step and `sample_tokens(logits, *sampling)` in one compiled call."""
+        logits, cache = self._decode(params, cache, tokens, lengths, active)
+        return sample_tokens(logits, *sampling), cache
 
 
 def bucket(length: int, smallest: int = 16) -> int:
@@ -174,10 +184,9 @@ def generate(decoder: Decoder, params, prompts: Sequence[Sequence[int]],
     block = decoder.config.block_size
     contexts = [list(p)[-block:] for p in prompts]
     cache = decoder.new_cache(batch)
-    rows = jnp.arange(batch)
     lengths = np.array([len(c) for c in contexts], np.int32)
     tokens = _pad_prompts(contexts, bucket(int(lengths.max())))
-    logits, cache = decoder.prefill(params, cache, rows, tokens, np.zeros(batch, np.int32),
+    logits, cache = decoder.prefill(params, cache, 0, tokens, np.zeros(batch, np.int32),
                                     lengths)
     state = _RowState(opts, detokenize)
     while True:
@@ -187,7 +196,7 @@ def generate(decoder: Decoder, params, prompts: Sequence[Sequence[int]],
             break
         for b in np.flatnonzero(lengths >= block):  # context full: keep the last half
             keep = (list(prompts[b]) + state.out[b])[-(block // 2):-1]  # new[b] comes next
-            _, cache = decoder.prefill(params, cache, jnp.asarray([b]),
+            _, cache = decoder.prefill(params, cache, int(b),
                                        _pad_prompts([keep], bucket(len(keep))),
                                        np.zeros(1, np.int32), np.array([len(keep)], np.int32))
             lengths[b] = len(keep)
