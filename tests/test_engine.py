@@ -135,7 +135,7 @@ def _simulate(scheduler, *, slots=2, jobs=60, dt=0.25, seed=0):
         picked = scheduler.pick(now, slots)
         log.append((now, list(picked), sorted(left)))
         now += dt
-        scheduler.account(picked, dt, now)
+        scheduler.account(dict.fromkeys(picked, dt), now)
         for job in picked:
             left[job] -= 1
             if left[job] == 0:
@@ -190,7 +190,7 @@ def test_mlfq_demotes_a_job_that_uses_its_quantum():
     mlfq = SkipJoinMLFQ(base_quantum=1.0, num_queues=3, starvation=100.0)
     mlfq.add("long", 0.0, 0.1)
     assert mlfq.level_of("long") == 0
-    mlfq.account(["long"], 1.0, 1.0)
+    mlfq.account({"long": 1.0}, 1.0)
     assert mlfq.level_of("long") == 1
     mlfq.add("short", 1.0, 0.1)
     assert mlfq.pick(1.0, 1) == ["short"]  # the newcomer preempts the demoted job

@@ -47,6 +47,8 @@ def run_engine(loaded, workload: Workload, prompts: list[str], scheduler: str, s
     for job in jobs:
         job.done.wait()
     engine.stop()
+    print(f"{scheduler}: {engine.stats.preemptions} preemptions, {engine.stats.swaps_out} swaps "
+          f"to host, {engine.stats.swaps_in} back")
     return [{"arrival": j.arrival - start, "first": j.first_token_time - j.arrival,
              "jct": j.finish_time - j.arrival, "tokens": len(j.out),
              "finish": j.finish_time - start} for j in jobs]
@@ -137,13 +139,15 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="a live server instead of the engine")
     parser.add_argument("--api_key", default=None)
     parser.add_argument("--schedulers", nargs="+", default=["fcfs", "mlfq"])
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rate", type=float, default=None,
                         help="requests/s (default: --load times the measured capacity)")
-    parser.add_argument("--load", type=float, default=1.2,
-                        help="offered tokens/s over the engine's decode capacity")
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--starvation_quanta", type=float, default=200.0)
+    parser.add_argument("--load", type=float, default=1.5,
+                        help="offered work over the engine's capacity (see _rate_for_load)")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--starvation_quanta", type=float, default=5000.0,
+                        help="MLFQ starvation threshold in base quanta")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=os.path.join(HERE, "jct.png"))
     args = parser.parse_args()
@@ -158,37 +162,40 @@ def main() -> None:
           f"{workload.prompt_lengths.mean():.0f} (max {workload.prompt_lengths.max()}), output "
           f"length mean {workload.output_lengths.mean():.0f} (median "
           f"{np.median(workload.output_lengths):.0f}, max {workload.output_lengths.max()})")
-    results = {}
-    for name in args.schedulers if args.url is None else ["server"]:
-        if args.url is None:
-            results[name] = run_engine(loaded, workload, prompts, name, args.slots,
-                                       args.starvation_quanta)
-        else:
-            results[name] = run_server(args.url, workload, prompts, args.api_key)
-    summaries = {name: summarize(r) for name, r in results.items()}
+    results, summaries = {}, {}
+    for repeat in range(args.repeats):  # schedulers alternate, so load drifts hit both
+        for name in args.schedulers if args.url is None else ["server"]:
+            if args.url is None:
+                records = run_engine(loaded, workload, prompts, name, args.slots,
+                                     args.starvation_quanta)
+            else:
+                records = run_server(args.url, workload, prompts, args.api_key)
+            results.setdefault(name, records)
+            summaries[f"{name} #{repeat + 1}"] = summarize(records)
     print_table(summaries)
-    if {"fcfs", "mlfq"} <= summaries.keys():
-        f, m = summaries["fcfs"], summaries["mlfq"]
-        print(f"mlfq / fcfs: mean JCT {m['jct_mean'] / f['jct_mean']:.2f} (goal <= 0.5), "
-              f"p99 JCT {m['jct_p99'] / f['jct_p99']:.2f}; fcfs / mlfq mean "
-              f"{f['jct_mean'] / m['jct_mean']:.1f}x, p99 {f['jct_p99'] / m['jct_p99']:.1f}x")
+    for repeat in range(args.repeats):
+        f, m = summaries.get(f"fcfs #{repeat + 1}"), summaries.get(f"mlfq #{repeat + 1}")
+        if f and m:
+            print(f"run {repeat + 1}: mlfq / fcfs mean JCT {m['jct_mean'] / f['jct_mean']:.2f} "
+                  f"(goal <= 0.5), p99 JCT {m['jct_p99'] / f['jct_p99']:.2f}")
     plot(results, args.plot)
     print(f"plot: {args.plot}")
 
 
 def _rate_for_load(loaded, args) -> float:
-    """Requests/s that offer `load` times the decode capacity (slots / step time)."""
+    """Requests/s that keep the engine `load` busy: a request costs its prefill (measured
+    cost model) plus its share of the decode steps (one step serves every slot)."""
     from lmjax.serve.server import build_engine
 
     engine = build_engine(loaded, slots=args.slots, scheduler="fcfs", max_jobs=1,
                           quantize="none")
-    capacity = args.slots / engine.decode_seconds  # tokens/s with every slot busy
-    mean_output = make_workload(10_000, 1.0, args.seed + 1,
-                                output_max=loaded.model.config.block_size // 2
-                                ).output_lengths.mean()
-    print(f"decode step {1000 * engine.decode_seconds:.1f} ms for {args.slots} slots: "
-          f"capacity {capacity:.0f} tokens/s")
-    return args.load * capacity / mean_output
+    w = make_workload(10_000, 1.0, args.seed + 1,
+                      output_max=loaded.model.config.block_size // 2)
+    prefill = np.mean([engine.estimate_prefill(int(n)) for n in w.prompt_lengths[:1000]])
+    per_request = prefill + w.output_lengths.mean() * engine.decode_seconds / args.slots
+    print(f"decode step {1000 * engine.decode_seconds:.1f} ms for {args.slots} slots, mean "
+          f"prefill {1000 * prefill:.1f} ms: capacity {1 / per_request:.1f} requests/s")
+    return args.load / per_request
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from lmjax.serve.generate import Decoder, SamplingParams, StopChecker, bucket
 from lmjax.serve.scheduler import Scheduler
-
 
 _GREEDY = SamplingParams(temperature=0.0)
 
@@ -92,8 +90,7 @@ class Engine:
         self._running = False
         self.prefill_cost = (0.0, 0.0)  # seconds = a + b * tokens, from warmup()
         self.decode_seconds = 0.0  # one decode step, from warmup()
-        self._read_row = jax.jit(lambda cache, slot: [jax.tree.map(lambda x: x[slot], c)
-                                                      for c in cache])
+        self._read_row = jax.jit(_read_row, static_argnums=2)
         self._write_row = jax.jit(_write_row, donate_argnums=0)
 
     # -- submitting -----------------------------------------------------------------
@@ -134,13 +131,20 @@ class Engine:
         picked = self.scheduler.pick(start, self.slots)
         self._assign_slots(picked)
         decoding = [j for j in picked if j.prefilled]
+        # Each job is charged its own work: its prefill, and the decode step it shared.
+        used = dict.fromkeys(picked, 0.0)
         for job in picked:
             if not job.prefilled:
+                t = self.clock()
                 self._prefill(job)
+                used[job] += self.clock() - t
         if decoding:
+            t = self.clock()
             self._decode(decoding)
+            for job in decoding:
+                used[job] += self.clock() - t
         now = self.clock()
-        self.scheduler.account(picked, now - start, now)
+        self.scheduler.account(used, now)
         for job in picked:
             if job.finish_reason is not None:
                 self._finish(job, now)
@@ -179,14 +183,19 @@ class Engine:
         for slot, owner in enumerate(self.owner):
             if owner is None:
                 return slot
-        for slot, owner in enumerate(self.owner):
-            if id(owner) not in chosen:
-                owner.host_kv = jax.device_get(self._read_row(self.cache, slot))
-                owner.slot, self.owner[slot] = None, None
-                self.stats.swaps_out += 1
-                self.stats.preemptions += 1
-                return slot
-        raise RuntimeError("scheduler picked more jobs than there are slots")
+        idle = [(self.scheduler.rank(o), s) for s, o in enumerate(self.owner)
+                if id(o) not in chosen]
+        if not idle:
+            raise RuntimeError("scheduler picked more jobs than there are slots")
+        slot = max(idle)[1]  # the lowest-priority holder, least likely to run again soon
+        owner = self.owner[slot]
+        # Only the written positions move, rounded up to a power of two (few shapes).
+        owner.host_kv = jax.device_get(self._read_row(self.cache, slot,
+                                                      min(bucket(owner.length), self.block)))
+        owner.slot, self.owner[slot] = None, None
+        self.stats.swaps_out += 1
+        self.stats.preemptions += 1
+        return slot
 
     def _prefill(self, job: Job) -> None:
         width = bucket(len(job.prompt))
@@ -302,7 +311,9 @@ class Engine:
                 *_sampling_arrays([None] * self.slots))
             jax.block_until_ready(new)
             self.decode_seconds = self.clock() - t
-        self.cache = self._write_row(self.cache, 0, jax.device_get(self._read_row(self.cache, 0)))
+        for width in widths:
+            rows = jax.device_get(self._read_row(self.cache, 0, min(width, self.block)))
+            self.cache = self._write_row(self.cache, 0, rows)
         b, a = np.polyfit(sizes, times, 1) if len(sizes) > 1 else (times[0] / sizes[0], 0.0)
         self.prefill_cost = (max(float(a), 0.0), max(float(b), 0.0))
 
@@ -344,6 +355,14 @@ def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:
             np.array([len(j.out) if j is not None else 0 for j in jobs], np.int32))
 
 
+def _read_row(cache, slot, length: int):
+    """Positions [0, length) of one cache row: (heads, length, head_dim) per array."""
+    return [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x[slot], 0, length, axis=1), c)
+            for c in cache]
+
+
 def _write_row(cache, slot, rows):
-    return [jax.tree.map(lambda full, row: full.at[slot].set(row), c, r)
-            for c, r in zip(cache, rows, strict=True)]
+    """Writes `_read_row`'s arrays back at the start of row `slot`."""
+    return [jax.tree.map(lambda full, row: jax.lax.dynamic_update_slice(
+        full, row[None].astype(full.dtype), (slot, 0, 0, 0)), c, r)
+        for c, r in zip(cache, rows, strict=True)]

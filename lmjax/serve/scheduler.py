@@ -34,7 +34,8 @@ class Scheduler(Protocol):
     def add(self, job, now: float, prefill_estimate: float) -> None: ...
     def remove(self, job) -> None: ...
     def pick(self, now: float, capacity: int) -> list: ...
-    def account(self, ran: list, seconds: float, now: float) -> None: ...
+    def account(self, ran: dict, now: float) -> None: ...
+    def rank(self, job) -> tuple: ...
     def __len__(self) -> int: ...
 
 
@@ -59,8 +60,12 @@ class FCFS:
         ordered = sorted(self.entries.values(), key=lambda e: e.arrival)
         return [e.job for e in ordered[:capacity]]
 
-    def account(self, ran: list, seconds: float, now: float) -> None:
+    def account(self, ran: dict, now: float) -> None:
         pass
+
+    def rank(self, job) -> tuple:
+        """Sort key of a job's priority (smaller runs first)."""
+        return (self.entries[id(job)].arrival,)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -105,8 +110,13 @@ class SkipJoinMLFQ:
         ordered = sorted(self.entries.values(), key=lambda e: (e.level, e.order))
         return [e.job for e in ordered[:capacity]]
 
-    def account(self, ran: list, seconds: float, now: float) -> None:
-        for job in ran:
+    def rank(self, job) -> tuple:
+        e = self.entries[id(job)]
+        return (e.level, e.order)
+
+    def account(self, ran: dict, now: float) -> None:
+        """Charges each job that ran the seconds of work it used (job -> seconds)."""
+        for job, seconds in ran.items():
             e = self.entries.get(id(job))
             if e is None:
                 continue
