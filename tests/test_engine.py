@@ -54,14 +54,16 @@ def _ticks():
 @pytest.mark.parametrize("scheduler", [
     {"name": "fcfs"},
     {"name": "mlfq", "base_quantum": 1.0, "num_queues": 3, "starvation": 6.0},
+    {"name": "mlfq", "base_quantum": 1.0, "num_queues": 3, "starvation": 6.0, "max_batch": 1},
 ])
 def test_engine_generates_what_generate_does(scheduler):
     """Whatever the batching, preemption and swapping, each request's tokens equal
-    generating it alone."""
+    generating it alone (max_batch 1 of 2 rows: preempted jobs also wait in the cache)."""
     decoder, params = _setup()
     options = dict(scheduler)
+    max_batch = options.pop("max_batch", None)
     engine = Engine(decoder, params, make_scheduler(options.pop("name"), **options), slots=2,
-                    clock=_ticks())
+                    max_batch=max_batch, clock=_ticks())
     requests = _requests()
     jobs = [engine.submit(p, o) for p, o in requests]
     engine.run_until_idle()

@@ -22,13 +22,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_engine(loaded, workload: Workload, prompts: list[str], scheduler: str, slots: int,
-               starvation_quanta: float) -> list[dict]:
+               starvation_quanta: float, max_batch: int | None) -> list[dict]:
     """Submits each request at its arrival time to an in-process engine; one record each."""
     from lmjax.serve.generate import SamplingParams
     from lmjax.serve.server import build_engine
 
     engine = build_engine(loaded, slots=slots, scheduler="fcfs", max_jobs=100_000,
-                          quantize="none")
+                          quantize="none", max_batch=max_batch)
     base = max(engine.estimate_prefill(1), engine.decode_seconds)
     from lmjax.serve.scheduler import make_scheduler
 
@@ -147,7 +147,12 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--starvation_quanta", type=float, default=5000.0,
                         help="MLFQ starvation threshold in base quanta")
+    parser.add_argument("--max_batch", type=int, default=None,
+                        help="jobs run per iteration (default: --slots)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompt_min", type=int, default=8)
+    parser.add_argument("--prompt_max", type=int, default=64)
+    parser.add_argument("--output_min", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=os.path.join(HERE, "jct.png"))
     args = parser.parse_args()
@@ -155,8 +160,7 @@ def main() -> None:
     text = "".join(loaded.tokenizer.decode(row) for b in loaded.eval_batches
                    for row in b["inputs"])
     rate = args.rate or _rate_for_load(loaded, args)
-    workload = make_workload(args.requests, rate, args.seed,
-                             output_max=loaded.model.config.block_size // 2)
+    workload = make_workload(args.requests, rate, args.seed, **_lengths(args, loaded))
     prompts = prompts_from_text(text, workload.prompt_lengths, args.seed)
     print(f"{args.requests} requests, Poisson rate {rate:.2f}/s; prompt length mean "
           f"{workload.prompt_lengths.mean():.0f} (max {workload.prompt_lengths.max()}), output "
@@ -167,7 +171,7 @@ def main() -> None:
         for name in args.schedulers if args.url is None else ["server"]:
             if args.url is None:
                 records = run_engine(loaded, workload, prompts, name, args.slots,
-                                     args.starvation_quanta)
+                                     args.starvation_quanta, args.max_batch)
             else:
                 records = run_server(args.url, workload, prompts, args.api_key)
             results.setdefault(name, records)
@@ -182,17 +186,21 @@ def main() -> None:
     print(f"plot: {args.plot}")
 
 
+def _lengths(args, loaded) -> dict:
+    return {"prompt_min": args.prompt_min, "prompt_max": args.prompt_max,
+            "output_min": args.output_min, "output_max": loaded.model.config.block_size // 2}
+
+
 def _rate_for_load(loaded, args) -> float:
     """Requests/s that keep the engine `load` busy: a request costs its prefill (measured
     cost model) plus its share of the decode steps (one step serves every slot)."""
     from lmjax.serve.server import build_engine
 
     engine = build_engine(loaded, slots=args.slots, scheduler="fcfs", max_jobs=1,
-                          quantize="none")
-    w = make_workload(10_000, 1.0, args.seed + 1,
-                      output_max=loaded.model.config.block_size // 2)
+                          quantize="none", max_batch=args.max_batch)
+    w = make_workload(10_000, 1.0, args.seed + 1, **_lengths(args, loaded))
     prefill = np.mean([engine.estimate_prefill(int(n)) for n in w.prompt_lengths[:1000]])
-    per_request = prefill + w.output_lengths.mean() * engine.decode_seconds / args.slots
+    per_request = prefill + w.output_lengths.mean() * engine.decode_seconds / engine.max_batch
     print(f"decode step {1000 * engine.decode_seconds:.1f} ms for {args.slots} slots, mean "
           f"prefill {1000 * prefill:.1f} ms: capacity {1 / per_request:.1f} requests/s")
     return args.load / per_request

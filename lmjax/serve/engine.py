@@ -71,10 +71,18 @@ class Engine:
     """Runs jobs to completion; `step()` is one iteration, `start()` runs it in a thread."""
 
     def __init__(self, decoder: Decoder, params, scheduler: Scheduler, *, slots: int = 8,
-                 max_jobs: int = 256, detokenize: Callable[[list[int]], str] | None = None,
+                 max_batch: int | None = None, max_jobs: int = 256,
+                 detokenize: Callable[[list[int]], str] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
+        """`slots` cache rows; at most `max_batch` (default: all) jobs run per iteration.
+
+        Fewer running jobs than rows lets preempted jobs keep their keys and values in
+        the cache (FastServe keeps more jobs in GPU memory than it runs) and move to the
+        host only when every row is taken.
+        """
         self.decoder, self.params, self.scheduler = decoder, params, scheduler
         self.slots, self.max_jobs = slots, max_jobs
+        self.max_batch = min(max_batch or slots, slots)
         self.detokenize = detokenize
         self.clock = clock
         self.block = decoder.config.block_size
@@ -128,7 +136,7 @@ class Engine:
         if not self.jobs:
             return False
         start = self.clock()
-        picked = self.scheduler.pick(start, self.slots)
+        picked = self.scheduler.pick(start, self.max_batch)
         self._assign_slots(picked)
         decoding = [j for j in picked if j.prefilled]
         # Each job is charged its own work: its prefill, and the decode step it shared.

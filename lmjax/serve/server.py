@@ -253,7 +253,7 @@ async def _stream(engine: Engine, job: Job, events: asyncio.Queue, meta: dict):
 
 
 def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize: str,
-                 starvation: float | None = None) -> Engine:
+                 starvation: float | None = None, max_batch: int | None = None) -> Engine:
     """An engine over a loaded checkpoint, compiled and timed (warmup) before serving.
 
     MLFQ's base quantum is the measured time of the shortest prefill bucket, so short
@@ -265,8 +265,8 @@ def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize:
 
     params = quant.quantize(loaded.params) if quantize == "int8" else loaded.params
     decoder = Decoder(loaded.model, prepare=quant.dequantize)
-    engine = Engine(decoder, params, make_scheduler("fcfs"), slots=slots, max_jobs=max_jobs,
-                    detokenize=lambda ids: loaded.tokenizer.decode(ids))
+    engine = Engine(decoder, params, make_scheduler("fcfs"), slots=slots, max_batch=max_batch,
+                    max_jobs=max_jobs, detokenize=lambda ids: loaded.tokenizer.decode(ids))
     engine.warmup()
     base = max(engine.estimate_prefill(1), engine.decode_seconds)
     engine.scheduler = make_scheduler(scheduler, base_quantum=base,
