@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                        "default)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--slots", type=int, default=8, help="decode slots (batch rows)")
+    serve.add_argument("--slots", type=int, default=8, help="decode slots (KV-cache rows)")
+    serve.add_argument("--max_batch", type=int, default=None,
+                       help="jobs decoded per step (default: --slots); fewer keeps preempted "
+                       "jobs in spare rows")
     serve.add_argument("--scheduler", default="fcfs", help="fcfs or mlfq")
     serve.add_argument("--max_queue", type=int, default=256,
                        help="queued + running requests before 429")
@@ -100,8 +103,8 @@ def run(argv: list[str] | None = None) -> object:
         "bench": functools.partial(bench.benchmark, steps=args.bench_steps),
         "serve": functools.partial(
             serve_best, host=args.host, port=args.port, api_key=args.api_key,
-            slots=args.slots, scheduler=args.scheduler, max_jobs=args.max_queue,
-            quantize=args.quantize),
+            slots=args.slots, max_batch=args.max_batch, scheduler=args.scheduler,
+            max_jobs=args.max_queue, quantize=args.quantize),
     }
     on_ready = functools.partial(_write_config, args.workdir) if args.command == "train" else None
     return entry.train(args.workdir, on_ready=on_ready, runner=runners[args.command])

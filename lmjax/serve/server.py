@@ -275,7 +275,8 @@ def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize:
 
 
 def serve_best(*, host: str, port: int, api_key: str | None, slots: int, scheduler: str,
-               max_jobs: int, quantize: str, **runner_args) -> None:
+               max_jobs: int, quantize: str, max_batch: int | None = None,
+               **runner_args) -> None:
     """Runner for `entry.train`: serves the best checkpoint of workdir until interrupted."""
     import uvicorn
 
@@ -283,7 +284,7 @@ def serve_best(*, host: str, port: int, api_key: str | None, slots: int, schedul
 
     loaded = load_best(**runner_args)
     engine = build_engine(loaded, slots=slots, scheduler=scheduler, max_jobs=max_jobs,
-                          quantize=quantize)
+                          quantize=quantize, max_batch=max_batch)
     name = runner_args["workdir"].rstrip("/").split("/")[-1] or "lmjax"
     app = create_app(engine, loaded.tokenizer, model_name=name, api_key=api_key)
     print(f"serving {name} (step {loaded.step}, {scheduler}, {slots} slots, {quantize}) on "
