@@ -4,6 +4,8 @@ Every parameter is created with logical axis names (`nn.with_logical_partitionin
 activations are constrained with `nn.with_logical_constraint` at block boundaries.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -93,7 +95,9 @@ class CausalSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool,
+                 cache: "KVCache | None" = None):
+        """Training path without `cache`; with one, also returns the updated cache."""
         embed = x.shape[-1]
         qkv = Dense(
             (3, self.num_heads, self.head_dim), ("embed", None, "heads", "head_dim"),
@@ -103,14 +107,71 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
-        # (batch, length, heads, head_dim)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            # (batch, length, heads, head_dim)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cache = cache.write(k, v, positions)
+            y = cached_attention(q, cache, positions)
         # nanoGPT's scaled init for residual projections: 0.02 / sqrt(2 * layers).
         y = Dense(
             (embed,), ("heads", "head_dim", "embed"), 0.02 / (2 * self.num_layers) ** 0.5,
             in_axes=2, use_bias=self.use_bias, dtype=self.dtype, name="out",
         )(y)
-        return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        return y if cache is None else (y, cache)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One layer's keys and values, preallocated: (batch, heads, max_length, head_dim) each.
+
+    Heads before positions, so attention's batched matmuls read the cache in place
+    (with positions first, XLA on CPU transposed the whole cache at every step).
+
+    Row b holds the keys/values of positions 0..n-1 of sequence b; entries past a row's
+    length may hold stale values, which attention never reads (it only looks at keys
+    at or before each query's position, all of which have been written).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_length: int, heads: int, head_dim: int,
+              dtype=jnp.float32) -> "KVCache":
+        shape = (batch, heads, max_length, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "KVCache":
+        """Stores k, v (batch, length, heads, head_dim) at `positions` (batch, length).
+
+        Positions past the end are dropped (padding of a shorter row), never clamped
+        onto real entries.
+        """
+        rows = jnp.arange(k.shape[0])[:, None]
+        # [rows, :, positions] indexes (batch, length, heads, head_dim): k's own layout.
+        keys = self.keys.at[rows, :, positions].set(k.astype(self.keys.dtype), mode="drop")
+        values = self.values.at[rows, :, positions].set(v.astype(self.values.dtype),
+                                                        mode="drop")
+        return KVCache(keys, values)
+
+
+def cached_attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
+    """Causal attention of queries at `positions` (batch, length) over the cache.
+
+    q: (batch, length, heads, head_dim) -> (batch, length, heads, head_dim). Softmax in
+    float32, as `jax.nn.dot_product_attention` computes it.
+    """
+    scale = q.shape[-1] ** -0.5
+    # (batch, heads, length, max_length)
+    scores = jnp.einsum("bqnh,bnkh->bnqk", q, cache.keys.astype(q.dtype)).astype(jnp.float32)
+    key_pos = jnp.arange(cache.keys.shape[2])
+    visible = key_pos[None, None, None, :] <= positions[:, None, :, None]
+    scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bnqk,bnkh->bqnh", weights, cache.values.astype(q.dtype))
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,376 @@
+"""The serving engine: continuous batching over a fixed number of decode slots.
+
+One KV cache of `slots` rows is allocated once. Every iteration the scheduler picks up
+to `slots` jobs; newcomers are prefilled into a free row (interleaved with decoding:
+one iteration prefills the newcomers it picked, then runs one decode step for every
+picked job); a job that the scheduler stops picking is preempted at a token boundary
+and keeps its row until another job needs it, when its keys and values move to host
+memory (and back into a row when it is picked again). Results never depend on the
+batch: each row decodes only from its own cache entries and its own seed.
+"""
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lmjax.serve.generate import Decoder, SamplingParams, StopChecker, bucket
+from lmjax.serve.scheduler import Scheduler
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class QueueFullError(RuntimeError):
+    """The engine holds `max_jobs` jobs already; retry later."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the model's context window."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    prompt: list[int]
+    options: SamplingParams
+    on_event: Callable[["Job", str, bool], None] | None = None  # (job, new text, finished)
+    id: int = 0
+    arrival: float = 0.0
+    out: list[int] = dataclasses.field(default_factory=list)
+    sent: str = ""  # text streamed so far
+    finish_reason: str | None = None
+    slot: int | None = None
+    host_kv: list | None = None  # the row's cache on the host while swapped out
+    length: int = 0  # tokens in the cache
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def prefilled(self) -> bool:
+        return bool(self.out)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    tokens_generated: int = 0
+    swaps_out: int = 0
+    swaps_in: int = 0
+    preemptions: int = 0
+    finished: int = 0
+    ttft: list[float] = dataclasses.field(default_factory=list)
+    tpot: list[float] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    """Runs jobs to completion; `step()` is one iteration, `start()` runs it in a thread."""
+
+    def __init__(self, decoder: Decoder, params, scheduler: Scheduler, *, slots: int = 8,
+                 max_batch: int | None = None, max_jobs: int = 256,
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        """`slots` cache rows; at most `max_batch` (default: all) jobs run per iteration.
+
+        Fewer running jobs than rows lets preempted jobs keep their keys and values in
+        the cache (FastServe keeps more jobs in GPU memory than it runs) and move to the
+        host only when every row is taken.
+        """
+        self.decoder, self.params, self.scheduler = decoder, params, scheduler
+        self.slots, self.max_jobs = slots, max_jobs
+        self.max_batch = min(max_batch or slots, slots)
+        self.detokenize = detokenize
+        self.clock = clock
+        self.block = decoder.config.block_size
+        self.cache = decoder.new_cache(slots)
+        self.owner: list[Job | None] = [None] * slots
+        self.jobs: list[Job] = []
+        self.stats = EngineStats()
+        self._inbox: collections.deque[Job] = collections.deque()
+        self._cancelled: collections.deque[Job] = collections.deque()
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.prefill_cost = (0.0, 0.0)  # seconds = a + b * tokens, from warmup()
+        self.decode_seconds = 0.0  # one decode step, from warmup()
+        self._read_row = jax.jit(_read_row, static_argnums=2)
+        self._write_row = jax.jit(_write_row, donate_argnums=0)
+
+    # -- submitting -----------------------------------------------------------------
+    def submit(self, prompt: list[int], options: SamplingParams, on_event=None) -> Job:
+        """Queues a job (thread-safe). Raises PromptTooLongError or QueueFullError."""
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one token")
+        if len(prompt) > self.block:
+            raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the context window "
+                                     f"is {self.block} tokens")
+        with self._wake:
+            if self.pending() >= self.max_jobs:
+                raise QueueFullError(f"{self.max_jobs} jobs are queued or running; retry later")
+            job = Job(list(prompt), options, on_event, next(self._ids), self.clock())
+            self._inbox.append(job)
+            self._wake.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stops a job at the next token boundary and frees its slot (thread-safe)."""
+        with self._wake:
+            self._cancelled.append(job)
+            self._wake.notify()
+
+    def pending(self) -> int:
+        return len(self.jobs) + len(self._inbox)
+
+    def slots_in_use(self) -> int:
+        return sum(o is not None for o in self.owner)
+
+    # -- one iteration ----------------------------------------------------------------
+    def step(self) -> bool:
+        """One iteration; returns False when there was nothing to do."""
+        self._admit()
+        if not self.jobs:
+            return False
+        start = self.clock()
+        picked = self.scheduler.pick(start, self.max_batch)
+        self._assign_slots(picked)
+        decoding = [j for j in picked if j.prefilled]
+        # Each job is charged its own work: its prefill, and the decode step it shared.
+        used = dict.fromkeys(picked, 0.0)
+        for job in picked:
+            if not job.prefilled:
+                t = self.clock()
+                self._prefill(job)
+                used[job] += self.clock() - t
+        if decoding:
+            t = self.clock()
+            self._decode(decoding)
+            for job in decoding:
+                used[job] += self.clock() - t
+        now = self.clock()
+        self.scheduler.account(used, now)
+        for job in picked:
+            if job.finish_reason is not None:
+                self._finish(job, now)
+        return True
+
+    def _admit(self) -> None:
+        with self._wake:
+            arrivals, self._inbox = list(self._inbox), collections.deque()
+            cancelled, self._cancelled = list(self._cancelled), collections.deque()
+        for job in arrivals:
+            self.jobs.append(job)
+            self.scheduler.add(job, self.clock(), self.estimate_prefill(len(job.prompt)))
+        for job in cancelled:
+            if job in self.jobs and job.finish_reason is None:
+                job.finish_reason = "cancelled"
+                self._finish(job, self.clock())
+
+    def estimate_prefill(self, tokens: int) -> float:
+        a, b = self.prefill_cost
+        return a + b * bucket(tokens)
+
+    def _assign_slots(self, picked: list[Job]) -> None:
+        chosen = set(map(id, picked))
+        for job in picked:
+            if job.slot is not None:
+                continue
+            slot = self._free_slot(chosen)
+            job.slot, self.owner[slot] = slot, job
+            if job.host_kv is not None:
+                self.cache = self._write_row(self.cache, slot, job.host_kv)
+                job.host_kv = None
+                self.stats.swaps_in += 1
+
+    def _free_slot(self, chosen: set[int]) -> int:
+        """A free row, or the row of a preempted job whose cache moves to the host."""
+        for slot, owner in enumerate(self.owner):
+            if owner is None:
+                return slot
+        idle = [(self.scheduler.rank(o), s) for s, o in enumerate(self.owner)
+                if id(o) not in chosen]
+        if not idle:
+            raise RuntimeError("scheduler picked more jobs than there are slots")
+        slot = max(idle)[1]  # the lowest-priority holder, least likely to run again soon
+        owner = self.owner[slot]
+        # Only the written positions move, rounded up to a power of two (few shapes).
+        owner.host_kv = jax.device_get(self._read_row(self.cache, slot,
+                                                      min(bucket(owner.length), self.block)))
+        owner.slot, self.owner[slot] = None, None
+        self.stats.swaps_out += 1
+        self.stats.preemptions += 1
+        return slot
+
+    def _prefill(self, job: Job) -> None:
+        width = bucket(len(job.prompt))
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(job.prompt)] = job.prompt
+        logits, self.cache = self.decoder.prefill(
+            self.params, self.cache, job.slot, tokens, np.zeros(1, np.int32),
+            np.array([len(job.prompt)], np.int32))
+        job.length = len(job.prompt)
+        self._emit([job], self._sample(logits, [job]))
+
+    def _decode(self, jobs: list[Job]) -> None:
+        tokens = np.zeros(self.slots, np.int32)
+        lengths = np.zeros(self.slots, np.int32)
+        active = np.zeros(self.slots, bool)
+        for job in jobs:
+            tokens[job.slot], lengths[job.slot], active[job.slot] = job.out[-1], job.length, True
+        by_slot = [None] * self.slots  # every row samples: one compiled shape
+        for job in jobs:
+            by_slot[job.slot] = job
+        new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
+                                                     active, *_sampling_arrays(by_slot))
+        for job in jobs:
+            job.length += 1
+        self._emit(jobs, np.asarray(new)[[job.slot for job in jobs]])
+
+    def _sample(self, logits: jax.Array, jobs: list[Job | None]) -> np.ndarray:
+        """One token per row of logits; rows without a job (None) sample greedily."""
+        return np.asarray(self.decoder.sample(logits, *_sampling_arrays(jobs)))
+
+    def _emit(self, jobs: list[Job], tokens: np.ndarray) -> None:
+        now = self.clock()
+        for job, token in zip(jobs, tokens, strict=True):
+            job.out.append(int(token))
+            self.stats.tokens_generated += 1
+            if job.first_token_time is None:
+                job.first_token_time = now
+            text, stopped = self._new_text(job)
+            if stopped:
+                job.finish_reason = "stop"
+            elif len(job.out) >= job.options.max_new_tokens or job.length >= self.block:
+                job.finish_reason = "length"
+            if job.finish_reason is None and text:
+                job.sent += text
+                if job.on_event is not None:
+                    job.on_event(job, text, False)
+
+    def _new_text(self, job: Job) -> tuple[str, bool]:
+        """Text safe to stream: never part of a stop string (held back until resolved)."""
+        if self.detokenize is None:
+            return "", False
+        checker = StopChecker(job.options.stop, self.detokenize)
+        cut = checker.cut(job.out)
+        if cut is not None:
+            return cut[len(job.sent):], True
+        text = self.detokenize(job.out)
+        hold = max((k for s in checker.stop for k in range(1, len(s))
+                    if text.endswith(s[:k])), default=0)
+        return text[len(job.sent): len(text) - hold], False
+
+    def _final_text(self, job: Job) -> str:
+        """The rest of the text: up to the stop string, all of it at the length limit."""
+        if self.detokenize is None or job.finish_reason == "cancelled":
+            return ""
+        if job.finish_reason == "stop":
+            return self._new_text(job)[0]
+        return self.detokenize(job.out)[len(job.sent):]
+
+    def _finish(self, job: Job, now: float) -> None:
+        tail = self._final_text(job)
+        job.sent += tail
+        job.finish_time = now
+        if job.slot is not None:
+            self.owner[job.slot], job.slot = None, None
+        job.host_kv = None
+        self.scheduler.remove(job)
+        self.jobs.remove(job)
+        self.stats.finished += 1
+        if job.first_token_time is not None and job.finish_reason != "cancelled":
+            self.stats.ttft.append(job.first_token_time - job.arrival)
+            if len(job.out) > 1:
+                self.stats.tpot.append((now - job.first_token_time) / (len(job.out) - 1))
+        job.done.set()
+        if job.on_event is not None:
+            job.on_event(job, tail, True)
+
+    # -- warmup and the background loop -------------------------------------------------
+    def warmup(self) -> None:
+        """Compiles every prefill bucket and the decode step; fits the prefill cost model."""
+        sizes, times = [], []
+        widths = []
+        width = 16
+        while width < self.block:
+            widths.append(width)
+            width *= 2
+        widths.append(bucket(self.block))
+        for width in tqdm(widths, desc="compile", leave=False):
+            for repeat in range(2):  # the second call is the timed one
+                t = self.clock()
+                logits, self.cache = self.decoder.prefill(
+                    self.params, self.cache, 0, np.zeros((1, width), np.int32),
+                    np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
+                jax.block_until_ready(logits)
+                if repeat:
+                    sizes.append(width)
+                    times.append(self.clock() - t)
+        self._sample(logits, [None])
+        zeros = np.zeros(self.slots, np.int32)
+        for _ in range(2):  # the second call is the timed one
+            t = self.clock()
+            new, self.cache = self.decoder.decode_sample(
+                self.params, self.cache, zeros, zeros, np.zeros(self.slots, bool),
+                *_sampling_arrays([None] * self.slots))
+            jax.block_until_ready(new)
+            self.decode_seconds = self.clock() - t
+        for width in widths:
+            rows = jax.device_get(self._read_row(self.cache, 0, min(width, self.block)))
+            self.cache = self._write_row(self.cache, 0, rows)
+        b, a = np.polyfit(sizes, times, 1) if len(sizes) > 1 else (times[0] / sizes[0], 0.0)
+        self.prefill_cost = (max(float(a), 0.0), max(float(b), 0.0))
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while self._running:
+            if not self.step():
+                with self._wake:
+                    if not self._inbox and not self._cancelled and self._running:
+                        self._wake.wait(timeout=0.5)
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stops the loop; with drain, after every queued and running job has finished."""
+        deadline = time.monotonic() + timeout
+        while drain and self.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._running = False
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run_until_idle(self) -> None:
+        """Steps in the calling thread until no job is left (tests, benchmarks)."""
+        while self.step():
+            pass
+
+
+def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:
+    """Per-row sampling arguments of `sample_tokens`; rows without a job are greedy."""
+    o = [j.options if j is not None else _GREEDY for j in jobs]
+    return (np.array([x.temperature for x in o], np.float32),
+            np.array([x.top_k for x in o], np.int32), np.array([x.top_p for x in o], np.float32),
+            np.array([x.seed for x in o], np.uint32),
+            np.array([len(j.out) if j is not None else 0 for j in jobs], np.int32))
+
+
+def _read_row(cache, slot, length: int):
+    """Positions [0, length) of one cache row: (heads, length, head_dim) per array."""
+    return [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x[slot], 0, length, axis=1), c)
+            for c in cache]
+
+
+def _write_row(cache, slot, rows):
+    """Writes `_read_row`'s arrays back at the start of row `slot`."""
+    return [jax.tree.map(lambda full, row: jax.lax.dynamic_update_slice(
+        full, row[None].astype(full.dtype), (slot, 0, 0, 0)), c, r)
+        for c, r in zip(cache, rows, strict=True)]

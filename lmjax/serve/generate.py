@@ -1,0 +1,255 @@
+"""KV-cached generation for the GPT family: prefill, one-token decode steps, sampling.
+
+A prompt is prefilled once (its keys and values written into a preallocated cache);
+every further token costs one decode step over the cache instead of a forward pass
+over the whole sequence. Rows of a batch have their own lengths, sampling options and
+seeds, so prompts of different lengths generate together; the serving engine
+(lmjax/serve/engine.py) drives the same `Decoder` one step at a time.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.models import GPT
+from lmjax.models.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range "
+                                 "(max_new_tokens >= 1, temperature >= 0, top_k >= 0, "
+                                 "0 < top_p <= 1)")
+
+
+def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array, seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """One token per row. logits (batch, vocab); the other arguments are (batch,).
+
+    Row b draws with key fold_in(key(seeds[b]), counters[b]), so a request's tokens
+    depend on its own seed and position only, never on which rows it is batched with.
+    """
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # (batch, vocab), descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # (batch, 1)
+    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+    # top-p: keep the smallest prefix of the sorted tokens whose mass reaches top_p.
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    kept = jnp.where(before < top_p[:, None], ordered, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)  # smallest kept logit
+    masked = jnp.where((scaled >= kth) & (scaled >= cutoff), scaled, -jnp.inf)
+
+    def draw(seed, counter, row):
+        return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), counter), row)
+
+    sampled = jax.vmap(draw)(seeds, counters, masked)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+class Decoder:
+    """Compiled prefill and decode steps of one GPT over a cache of `batch` rows.
+
+    `prepare` maps the stored parameters to the ones the model applies, inside the
+    compiled function (int8 weights are dequantised there, see quant.py).
+    """
+
+    def __init__(self, model: GPT, prepare: Callable = lambda p: p):
+        self.model = model
+        self.config = model.config
+        self._prepare = prepare
+        self.prefill = jax.jit(self._prefill, donate_argnums=1)
+        self.decode = jax.jit(self._decode, donate_argnums=1)
+        self.sample = jax.jit(sample_tokens)
+        self.decode_sample = jax.jit(self._decode_sample, donate_argnums=1)
+
+    def new_cache(self, batch: int):
+        return init_cache(self.config, batch)
+
+    def _forward(self, params, cache, tokens, positions):
+        return self.model.apply({"params": self._prepare(params)}, tokens, cache=cache,
+                                positions=positions)
+
+    def _prefill(self, params, cache, first_row, tokens, starts, counts):
+        """Writes tokens (R, T) into cache rows first_row..first_row+R-1 at positions
+        starts + 0..counts-1 (starts, counts: (R,)).
+
+        Returns logits of each row's last real token (R, vocab) and the cache. Padding
+        tokens (t >= counts) get a position past the cache, so their writes are dropped.
+        """
+        steps = jnp.arange(tokens.shape[1])
+        positions = starts[:, None] + steps
+        positions = jnp.where(steps < counts[:, None], positions, self.config.block_size)
+        rows = tokens.shape[0]
+        part = [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first_row, rows), layer)
+                for layer in cache]
+        logits, part = self._forward(params, part, tokens, positions)
+        cache = [jax.tree.map(
+            lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new, first_row, 0),
+            layer, new_layer) for layer, new_layer in zip(cache, part, strict=True)]
+        last = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
+        return last, cache
+
+    def _decode(self, params, cache, tokens, lengths, active):
+        """One token per row: tokens (batch,) at positions `lengths`; rows with
+        active=False write nothing. Returns logits (batch, vocab) and the cache."""
+        positions = jnp.where(active, lengths, self.config.block_size)[:, None]
+        logits, cache = self._forward(params, cache, tokens[:, None], positions)
+        return logits[:, 0], cache
+
+    def _decode_sample(self, params, cache, tokens, lengths, active, *sampling):
+        """A decode step and `sample_tokens(logits, *sampling)` in one compiled call."""
+        logits, cache = self._decode(params, cache, tokens, lengths, active)
+        return sample_tokens(logits, *sampling), cache
+
+
+def bucket(length: int, smallest: int = 16) -> int:
+    """Prefill lengths are padded to powers of two, so a few compiled shapes serve all."""
+    size = smallest
+    while size < length:
+        size *= 2
+    return size
+
+
+class StopChecker:
+    """Finds the first stop string in the generated text; the text before it is returned."""
+
+    def __init__(self, stop: Sequence[str], detokenize: Callable[[list[int]], str] | None):
+        self.stop = tuple(s for s in stop if s)
+        self.detokenize = detokenize
+        if self.stop and detokenize is None:
+            raise ValueError("stop strings need a tokenizer to compare text")
+
+    def cut(self, tokens: list[int]) -> str | None:
+        """The text before the first stop string, or None if none occurred."""
+        if not self.stop:
+            return None
+        text = self.detokenize(tokens)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return text[: min(hits)] if hits else None
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[int]
+    text: str | None  # set when a tokenizer was given
+    finish_reason: str  # "length" or "stop"
+
+
+def _pad_prompts(prompts: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    out = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, : len(p)] = p
+    return out
+
+
+def generate(decoder: Decoder, params, prompts: Sequence[Sequence[int]],
+             options: SamplingParams | Sequence[SamplingParams], *,
+             detokenize: Callable[[list[int]], str] | None = None) -> list[Generation]:
+    """Continues each prompt (token ids; lengths may differ) with its own options.
+
+    A row whose context fills the block keeps its last half block and goes on (the
+    prompt is prefilled again from there), as nanoGPT crops its context.
+    """
+    batch = len(prompts)
+    opts = [options] * batch if isinstance(options, SamplingParams) else list(options)
+    if len(opts) != batch:
+        raise ValueError(f"{len(opts)} sampling options for {batch} prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty; give at least one token")
+    block = decoder.config.block_size
+    contexts = [list(p)[-block:] for p in prompts]
+    cache = decoder.new_cache(batch)
+    lengths = np.array([len(c) for c in contexts], np.int32)
+    tokens = _pad_prompts(contexts, bucket(int(lengths.max())))
+    logits, cache = decoder.prefill(params, cache, 0, tokens, np.zeros(batch, np.int32),
+                                    lengths)
+    state = _RowState(opts, detokenize)
+    while True:
+        new = np.asarray(decoder.sample(logits, *state.sampling_arrays()))
+        state.append(new)
+        if state.all_done():
+            break
+        for b in np.flatnonzero(lengths >= block):  # context full: keep the last half
+            keep = (list(prompts[b]) + state.out[b])[-(block // 2):-1]  # new[b] comes next
+            _, cache = decoder.prefill(params, cache, int(b),
+                                       _pad_prompts([keep], bucket(len(keep))),
+                                       np.zeros(1, np.int32), np.array([len(keep)], np.int32))
+            lengths[b] = len(keep)
+        logits, cache = decoder.decode(params, cache, new, lengths, ~state.done)
+        lengths = lengths + 1
+    return state.results()
+
+
+class _RowState:
+    """Per-row outputs, stop checks and sampling arrays of a batched generation."""
+
+    def __init__(self, opts: list[SamplingParams], detokenize):
+        self.opts = opts
+        self.detokenize = detokenize
+        self.stops = [StopChecker(o.stop, detokenize) for o in opts]
+        self.out: list[list[int]] = [[] for _ in opts]
+        self.text: list[str | None] = [None] * len(opts)
+        self.reason = ["length"] * len(opts)
+        self.done = np.zeros(len(opts), bool)
+
+    def sampling_arrays(self):
+        o = self.opts
+        return (np.array([x.temperature for x in o], np.float32),
+                np.array([x.top_k for x in o], np.int32),
+                np.array([x.top_p for x in o], np.float32),
+                np.array([x.seed for x in o], np.uint32),
+                np.array([len(t) for t in self.out], np.int32))
+
+    def append(self, new: np.ndarray) -> None:
+        for b, token in enumerate(new):
+            if self.done[b]:
+                continue
+            self.out[b].append(int(token))
+            cut = self.stops[b].cut(self.out[b])
+            if cut is not None:
+                self.text[b], self.reason[b], self.done[b] = cut, "stop", True
+            elif len(self.out[b]) >= self.opts[b].max_new_tokens:
+                self.done[b] = True
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def results(self) -> list[Generation]:
+        results = []
+        for b, tokens in enumerate(self.out):
+            text = self.text[b]
+            if text is None and self.detokenize is not None:
+                text = self.detokenize(tokens)
+            results.append(Generation(tokens, text, self.reason[b]))
+        return results
+
+
+@functools.lru_cache(maxsize=8)
+def decoder_for(model: GPT) -> Decoder:
+    """One Decoder (and its compiled functions) per model config."""
+    return Decoder(model)
