@@ -1,12 +1,15 @@
 """Model families; `MODELS` maps a config class name to its module."""
 
 from lmjax.models.classifiers import CBoW, CBoWConfig
+from lmjax.models.rnn import RNNLM, BiLSTMClassifier, BiLSTMConfig, RNNConfig
 from lmjax.models.transformer import GPT, GPTConfig
 from lmjax.registry import Registry
 
 MODELS: Registry[type] = Registry("model")
 MODELS.register("GPTConfig")(GPT)
 MODELS.register("CBoWConfig")(CBoW)
+MODELS.register("RNNConfig")(RNNLM)
+MODELS.register("BiLSTMConfig")(BiLSTMClassifier)
 
 
 def build_model(config):
@@ -14,4 +17,5 @@ def build_model(config):
     return MODELS.get(type(config).__name__)(config)
 
 
-__all__ = ["CBoW", "CBoWConfig", "GPT", "GPTConfig", "MODELS", "build_model"]
+__all__ = ["BiLSTMClassifier", "BiLSTMConfig", "CBoW", "CBoWConfig", "GPT", "GPTConfig",
+           "RNNLM", "RNNConfig", "MODELS", "build_model"]
