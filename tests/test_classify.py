@@ -29,6 +29,9 @@ def test_bad_tsv_row_is_reported_with_file_and_line(tmp_path):
     (folder / "train.tsv").write_text("".join(lines))
     with pytest.raises(builders.BadDataError, match=r"train\.tsv:8: cannot parse row"):
         builders.prepare("sst2", str(tmp_path / "tfds"), str(folder))
+    result = run_cli(*classify_args(tmp_path / "run", folder, "configs/experiments/sst2_cbow.gin"))
+    assert result.returncode == 1 and "train.tsv:8: cannot parse row" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_dev_file_reads_its_content_column(tmp_path):

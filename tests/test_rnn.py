@@ -224,3 +224,12 @@ def test_hand_written_backward_equals_autodiff(cell, reverse):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(loss(rnn.recurrent_scan, *args), loss(rnn.reference_scan, *args),
                                rtol=1e-6)
+
+
+def test_resume_with_another_batch_size_names_the_carried_state(tmp_path):
+    workdir = tmp_path / "run"
+    assert run_cli(*char_lstm_args(workdir, 6)).returncode == 0
+    result = run_cli(*char_lstm_args(workdir, 12, "train.batch_size=4"))
+    assert result.returncode == 1
+    assert "carried state layer0/0 has shape (8, 32) in the checkpoint but (4, 32)" in \
+        result.stderr, result.stderr[-2000:]

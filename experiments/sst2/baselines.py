@@ -67,6 +67,27 @@ def main() -> None:
             results["runs"]
     out.write_text(json.dumps(results, indent=1) + "\n")
     print_table(results)
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    """Dev accuracy against training step, one line per run, majority class dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in results["runs"]:
+        steps, accuracy = zip(*run["curve"], strict=True)
+        ax.plot(steps, accuracy, marker="o", label=f"{run['model']} seed {run['seed']}")
+    ax.axhline(results["majority"]["accuracy"], linestyle="--", color="gray",
+               label="majority class")
+    ax.set_xlabel("training step (batch 64)")
+    ax.set_ylabel("SST-2 dev accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "baselines_accuracy.png", dpi=100)
 
 
 def print_table(results: dict) -> None:
