@@ -151,7 +151,7 @@ def torch_runner(data):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
