@@ -12,6 +12,7 @@ next to this script and prints the table rows.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 from collections import Counter
@@ -38,6 +39,7 @@ def majority() -> dict:
 
 def run_model(model: str, seed: int, root: Path) -> dict:
     workdir = root / f"{model}_seed{seed}"
+    shutil.rmtree(workdir, ignore_errors=True)  # a leftover run would resume, not retrain
     wall = train(workdir, f"configs/experiments/sst2_{model}.gin", [f"train.seed={seed}"])
     evals = records(workdir, "eval")
     best = min(evals, key=lambda r: r["loss"])
