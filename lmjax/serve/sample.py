@@ -8,7 +8,7 @@ from lmjax.data.pipelines import LMData
 from lmjax.data.tokenizers import Tokenizer
 from lmjax.models import GPT
 from lmjax.serve.generate import Decoder, SamplingParams, generate
-from lmjax.train.trainer import TrainConfig, _eval_set, restore_best
+from lmjax.train.trainer import TrainConfig, eval_set, gpt_task, restore_best
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ def load_best(*, workdir: str, model_config, data: LMData, config: TrainConfig, 
     setup, state, step = restore_best(workdir, model_config, config, mesh, rules)
     setup.checkpoints.close()
     params = jax.device_get(state.params)
-    return Loaded(setup.model, params, data.tokenizer, step, _eval_set(data, model_config, config))
+    return Loaded(setup.model, params, data.tokenizer, step, eval_set(gpt_task(model_config, data), config))
 
 
 def sample_best(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,

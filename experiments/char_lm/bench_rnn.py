@@ -1,0 +1,211 @@
+"""Recurrent LM training step at char-rnn's default size: lmjax vs Flax and PyTorch.
+
+2 LSTM layers of 128, 50 characters x 50 streams per step, 65 symbols, RMSprop
+(lr 2e-3, decay 0.95) with global-norm clipping at 5. Prints ms/step and tokens/s for
+
+* lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
+  with the truncated-BPTT task: carried state, hoisted input projections, fused gates);
+* flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))`, same sizes and optimiser;
+* torch: `nn.LSTM(128, 128, num_layers=2)` (skipped with a message if torch is missing).
+
+All three are timed in the same process, interleaved over several rounds, and the
+ratios against PyTorch are printed, so a busy machine affects them alike.
+
+    python experiments/char_lm/bench_rnn.py [--steps=50] [--rounds=5] [--cell=lstm]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from lmjax.data.pipelines import load_lm_data
+from lmjax.models import rnn
+from lmjax.parallel import RULES, make_mesh
+from lmjax.train import trainer
+from lmjax.train.state import create_task_state
+from lmjax.train.tasks import StreamLMTask
+
+HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
+LR, DECAY, CLIP = 2e-3, 0.95, 5.0
+
+
+def lmjax_runner(data, cell: str, unroll: int):
+    """A function running one training step of lmjax's own trainer, and its loss."""
+    config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
+                           num_layers=LAYERS, block_size=LENGTH, unroll=unroll)
+    train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
+                                learning_rate=LR, min_lr=LR, warmup_steps=0, beta2=DECAY,
+                                grad_clip=CLIP)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = RULES.get("fsdp_tensor")
+    task = StreamLMTask(rnn.RNNLM(config), data, LENGTH, config.zero_carry)
+    scratch = tempfile.mkdtemp(prefix="lmjax-bench-rnn-")
+    setup = trainer.build(None, train, mesh, rules, scratch, task=task)
+    setup.checkpoints.close()
+    batches = task.train_iterator(BATCH, 0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
+
+    def step():
+        batch = trainer.to_global(next(batches), setup.batch_sharding)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            box["state"], metrics = setup.step_fn(box["state"], batch)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    return step
+
+
+class FlaxLSTM(nn.Module):
+    """The plain Flax way: embedding, nn.RNN over OptimizedLSTMCell layers, dense head."""
+
+    @nn.compact
+    def __call__(self, tokens, carries):
+        x = nn.Embed(VOCAB, HIDDEN)(tokens)
+        new = []
+        for i in range(LAYERS):
+            carry, x = nn.RNN(nn.OptimizedLSTMCell(HIDDEN), return_carry=True)(
+                x, initial_carry=carries[i])
+            new.append(carry)
+        return nn.Dense(VOCAB)(x), new
+
+
+def flax_runner(data):
+    model = FlaxLSTM()
+    zeros = [(jnp.zeros((BATCH, HIDDEN)), jnp.zeros((BATCH, HIDDEN))) for _ in range(LAYERS)]
+    tokens = jnp.zeros((BATCH, LENGTH), jnp.int32)
+    params = model.init(jax.random.key(0), tokens, zeros)["params"]
+    tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.rmsprop(LR, decay=DECAY, eps=1e-8))
+
+    @jax.jit
+    def train_step(params, opt_state, carries, inputs, targets):
+        def loss_fn(p):
+            logits, new = model.apply({"params": p}, inputs, carries)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return loss, new
+
+        (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, new, loss
+
+    batches = _stream(data)
+    box = {"params": params, "opt": tx.init(params), "carry": zeros}
+
+    def step():
+        inputs, targets = next(batches)
+        box["params"], box["opt"], box["carry"], loss = train_step(
+            box["params"], box["opt"], box["carry"], inputs, targets)
+        return float(jax.block_until_ready(loss))
+
+    return step
+
+
+def _stream(data):
+    """The same contiguous streams as lmjax's iterator, as (inputs, targets) arrays."""
+    rows = data.train[: len(data.train) // BATCH * BATCH].reshape(BATCH, -1)
+    chunk = 0
+    while True:
+        lo = chunk * LENGTH
+        if lo + LENGTH + 1 > rows.shape[1]:
+            chunk, lo = 0, 0
+        window = rows[:, lo : lo + LENGTH + 1]
+        chunk += 1
+        yield window[:, :-1].astype(np.int64), window[:, 1:].astype(np.int64)
+
+
+def torch_runner(data):
+    import torch
+
+    torch.manual_seed(0)
+
+    class TorchLSTM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
+            self.lstm = torch.nn.LSTM(HIDDEN, HIDDEN, num_layers=LAYERS, batch_first=True)
+            self.head = torch.nn.Linear(HIDDEN, VOCAB)
+
+        def forward(self, tokens, state):
+            out, state = self.lstm(self.embed(tokens), state)
+            return self.head(out), state
+
+    model = TorchLSTM()
+    opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=DECAY, eps=1e-8)
+    zeros = torch.zeros(LAYERS, BATCH, HIDDEN)
+    box = {"state": (zeros, zeros.clone())}
+    batches = _stream(data)
+
+    def step():
+        inputs, targets = (torch.from_numpy(a) for a in next(batches))
+        logits, state = model(inputs, box["state"])
+        box["state"] = tuple(s.detach() for s in state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def time_steps(step, steps: int) -> float:
+    """Median seconds per step over `steps` steps (each waits for its result)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--unroll", type=int, default=1, help="lmjax scan unroll")
+    args = parser.parse_args()
+    data = load_lm_data("tiny_shakespeare")
+    runners = {"lmjax": lmjax_runner(data, "lstm", args.unroll), "flax": flax_runner(data)}
+    try:
+        import torch
+
+        runners["torch"] = torch_runner(data)
+        threads = torch.get_num_threads()
+    except ImportError:
+        print("torch is not installed: skipping the PyTorch row (pip install torch)")
+        threads = None
+    first_loss = {name: run() for name, run in runners.items()}  # compiles
+    for run in runners.values():
+        for _ in range(args.warmup):
+            run()
+    medians = {name: [] for name in runners}
+    for _ in range(args.rounds):  # interleaved, so load on a shared machine hits all alike
+        for name, run in runners.items():
+            medians[name].append(time_steps(run, args.steps))
+    print(f"char-rnn step: {LAYERS} x {HIDDEN} LSTM, batch {BATCH} x {LENGTH}, vocab {VOCAB}, "
+          f"RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads {threads}")
+    result = {}
+    for name, values in medians.items():
+        ms = statistics.median(values) * 1e3
+        result[name] = {"ms_per_step": ms, "tokens_per_sec": BATCH * LENGTH / ms * 1e3,
+                        "first_loss": first_loss[name]}
+    reference = result.get("torch")
+    print(f"{'impl':8} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}")
+    for name, r in result.items():
+        ratio = r["tokens_per_sec"] / reference["tokens_per_sec"] if reference else float("nan")
+        r["vs_torch"] = ratio
+        print(f"{name:8} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} {ratio:8.2f}x")
+    print("bench_rnn: " + json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
