@@ -29,7 +29,8 @@ def load_best(*, workdir: str, model_config, data: LMData, config: TrainConfig, 
     setup, state, step = restore_best(workdir, model_config, config, mesh, rules)
     setup.checkpoints.close()
     params = jax.device_get(state.params)
-    return Loaded(setup.model, params, data.tokenizer, step, eval_set(gpt_task(model_config, data), config))
+    evals = eval_set(gpt_task(model_config, data), config)
+    return Loaded(setup.model, params, data.tokenizer, step, evals)
 
 
 def sample_best(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
