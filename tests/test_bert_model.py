@@ -99,11 +99,15 @@ def test_outputs_at_real_positions_ignore_extra_padding(model_cls):
     tokens, segments, positions = _batch(rng, length=10, real=(10, 7, 4))
     longer = np.pad(tokens, ((0, 0), (0, 6)), constant_values=CONFIG.pad_id)
     longer_segments = np.pad(segments, ((0, 0), (0, 6)))
-    extra = (positions,) if model_cls is BertPretrain else ()
     model = model_cls(CONFIG)
-    params = _params(model, tokens, segments, *extra)
-    short = model.apply({"params": params}, tokens, segments, *extra)
-    long = model.apply({"params": params}, longer, longer_segments, *extra)
+    if model_cls is BertPretrain:
+        args, long_args = (tokens, segments, positions), (longer, longer_segments, positions)
+    else:  # the classifier takes (tokens, mask, segments)
+        args = (tokens, tokens != CONFIG.pad_id, segments)
+        long_args = (longer, longer != CONFIG.pad_id, longer_segments)
+    params = _params(model, *args)
+    short = model.apply({"params": params}, *args)
+    long = model.apply({"params": params}, *long_args)
     for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(long), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     # And the encoder's sequence output at every real position.
@@ -123,13 +127,13 @@ def test_dropout_attention_path_equals_fused_path_without_dropout():
     tokens, segments, _ = _batch(np.random.default_rng(3))
     zero = dataclasses.replace(CONFIG, dropout=0.0, attention_dropout=0.0)
     model = BertClassifier(zero)
-    params = _params(model, tokens, segments)
-    fused = model.apply({"params": params}, tokens, segments, deterministic=True)
-    explicit = model.apply({"params": params}, tokens, segments, deterministic=False,
+    params = _params(model, tokens, None, segments)
+    fused = model.apply({"params": params}, tokens, None, segments, deterministic=True)
+    explicit = model.apply({"params": params}, tokens, None, segments, deterministic=False,
                            rngs={"dropout": jax.random.key(1)})
     np.testing.assert_allclose(fused, explicit, atol=1e-5, rtol=1e-5)
     dropped = BertClassifier(dataclasses.replace(zero, attention_dropout=0.5)).apply(
-        {"params": params}, tokens, segments, deterministic=False,
+        {"params": params}, tokens, None, segments, deterministic=False,
         rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(fused, dropped)
 

@@ -133,8 +133,8 @@ class EncoderBlock(nn.Module):
 class BertEncoder(nn.Module):
     """(tokens, segments) (batch, length) -> (sequence (batch, length, H), pooled (batch, H)).
 
-    Positions whose token is `pad_id` are hidden from attention, so outputs at real
-    positions do not depend on how much padding follows.
+    Positions whose token is `pad_id` (or, when given, where `mask` is False) are hidden
+    from attention, so outputs at real positions do not depend on how much padding follows.
     """
 
     config: BertConfig
@@ -153,7 +153,8 @@ class BertEncoder(nn.Module):
         self.pooler = _dense(c, (c.embed_dim,), ("embed", None), "pooler")
 
     def __call__(self, tokens: jax.Array, segments: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+                 deterministic: bool = True,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         c = self.config
         length = tokens.shape[1]
         if length > c.max_len:
@@ -163,7 +164,7 @@ class BertEncoder(nn.Module):
         x = self.word(tokens) + self.position(jnp.arange(length))[None] + self.segment(segments)
         x = self.drop(self.norm(x), deterministic=deterministic)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
-        real = tokens != c.pad_id
+        real = tokens != c.pad_id if mask is None else mask.astype(bool)
         mask = real[:, None, None, :]  # (batch, 1, 1, keys): every query sees the real keys
         for block in self.blocks:
             x = block(x, mask, deterministic)
@@ -207,15 +208,19 @@ class BertPretrain(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """Encoder + dropout + linear head on the pooled [CLS]: logits (batch, num_classes)."""
+    """Encoder + dropout + linear head on the pooled [CLS]: logits (batch, num_classes).
+
+    Called as the classification task calls its models: (tokens, mask); segments are
+    all 0 (single sentences) unless given.
+    """
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, segments: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array | None = None,
+                 segments: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         c = self.config
-        _, pooled = BertEncoder(c, name="bert")(tokens, segments, deterministic)
+        _, pooled = BertEncoder(c, name="bert")(tokens, segments, deterministic, mask)
         pooled = nn.Dropout(c.dropout)(pooled, deterministic=deterministic)
         return _dense(c, (c.num_classes,), ("embed", None), "classifier")(pooled).astype(
             jnp.float32)
