@@ -5,17 +5,20 @@ Binding names here are a contract used by configs and checks: `train.num_steps`,
 """
 
 import dataclasses
+import inspect
 import os
 
 import gin
 import jax
 
-from lmjax.data.pipelines import LMData, load_lm_data
-from lmjax.models import GPTConfig
+from lmjax.data.pipelines import ClassificationData, LMData, load_classification_data, load_lm_data
+from lmjax.models import CBoWConfig, GPTConfig, build_model
 from lmjax.parallel import RULES, make_mesh
-from lmjax.train import trainer
+from lmjax.registry import Registry
+from lmjax.train import tasks, trainer
 
 gin.external_configurable(GPTConfig, "GPTConfig")
+gin.external_configurable(CBoWConfig, "CBoWConfig")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -55,6 +58,44 @@ def dataset(
                         manual_dir=manual_dir, tokenizer_dir=_tokenizer_dir(workdir))
 
 
+@gin.configurable
+def classify_dataset(
+    name: str = "sst2",
+    tokenizer: str = "sentencepiece",
+    vocab_size: int | None = 8000,
+    max_length: int = 64,
+    lowercase: bool = False,
+    tfds_dir: str | None = None,
+    manual_dir: str | None = None,
+    workdir: str | None = None,
+) -> ClassificationData:
+    """Padded examples of a text classification tfds dataset (train and dev splits)."""
+    return load_classification_data(
+        name, tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length,
+        tfds_dir=tfds_dir, manual_dir=manual_dir, tokenizer_dir=_tokenizer_dir(workdir),
+        lowercase=lowercase)
+
+
+# train.task -> function(model config, workdir) -> (model config, data, task). The
+# model config gets the sizes the data decides (vocabulary, classes).
+TASKS: Registry = Registry("task")
+
+
+@TASKS.register("lm")
+def _lm_task(model, workdir: str):
+    data = dataset(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
+    return model, data, tasks.LMTask(build_model(model), data, model.block_size)
+
+
+@TASKS.register("classify")
+def _classify_task(model, workdir: str):
+    data = classify_dataset(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                num_classes=data.num_classes)
+    return model, data, tasks.ClassifyTask(build_model(model), data)
+
+
 def _tokenizer_dir(workdir: str | None) -> str | None:
     return os.path.join(workdir, "tokenizer") if workdir else None
 
@@ -67,6 +108,7 @@ def train(
     workdir: str,
     model: GPTConfig = gin.REQUIRED,
     *,
+    task: str = "lm",
     num_steps: int = _DEFAULT.num_steps,
     batch_size: int = _DEFAULT.batch_size,
     learning_rate: float = _DEFAULT.learning_rate,
@@ -85,10 +127,14 @@ def train(
     checkpoint_every: int = _DEFAULT.checkpoint_every,
     keep_checkpoints: int = _DEFAULT.keep_checkpoints,
     seed: int = _DEFAULT.seed,
+    optimizer: str = _DEFAULT.optimizer,
     on_ready=None,
     runner=trainer.train,
 ):
-    """Trains `model` on `dataset()` on `mesh()`; see TrainConfig for the fields.
+    """Trains `model` on `task` (a name in TASKS) on `mesh()`; see TrainConfig for the fields.
+
+    `model` is any registered model config (lmjax.models.MODELS); the task reads its data
+    from `dataset()` (language models) or `classify_dataset()` (classification).
 
     The fields are spelled out (not **kwargs) so gin rejects misspelled bindings. This
     configurable describes the whole run; `eval` and `sample` pass another `runner` that
@@ -98,7 +144,11 @@ def train(
     config = trainer.TrainConfig(**{f.name: values[f.name] for f in
                                     dataclasses.fields(trainer.TrainConfig)})
     device_mesh, rules = mesh()  # first: it may set the CPU device count
-    data = dataset(workdir=workdir)
-    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
-    return runner(workdir=workdir, model_config=model, data=data, config=config,
+    model, data, built = TASKS.get(task)(model, workdir)
+    kwargs = dict(workdir=workdir, model_config=model, data=data, config=config,
                   mesh=device_mesh, rules=rules, on_ready=on_ready)
+    if "task" in inspect.signature(runner).parameters:
+        kwargs["task"] = built
+    elif task != "lm":
+        raise ValueError(f"this command supports only train.task = 'lm', not {task!r}")
+    return runner(**kwargs)

@@ -119,3 +119,127 @@ def load_lm_data(
         if tokenizer_dir:
             tok.save(tokenizer_dir)
     return LMData(tok, tok.encode(train), tok.encode(held_out))
+
+
+# Classification: padded token ids, a mask, a label and a weight per example.
+
+
+@dataclasses.dataclass
+class Examples:
+    """Tokenised examples padded to one length. inputs, mask: (n, length); labels: (n,)."""
+
+    inputs: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"inputs": self.inputs[index], "mask": self.mask[index],
+                "label": self.labels[index], "weight": np.float32(1.0)}
+
+
+@dataclasses.dataclass
+class ClassificationData:
+    tokenizer: Tokenizer
+    train: Examples
+    eval: Examples
+    max_length: int
+    num_classes: int = 2
+
+
+def pad_examples(ids: list[np.ndarray], labels: list[int], max_length: int,
+                 pad_id: int = 0) -> Examples:
+    """Truncates to `max_length` tokens and pads at the end with `pad_id` (mask False)."""
+    inputs = np.full((len(ids), max_length), pad_id, np.int32)
+    mask = np.zeros((len(ids), max_length), np.bool_)
+    for row, seq in enumerate(ids):
+        seq = seq[:max_length]
+        inputs[row, : len(seq)] = seq
+        mask[row, : len(seq)] = True
+    if len(ids) and not mask[:, 0].all():
+        empty = int(np.argmin(mask[:, 0]))
+        raise ValueError(f"example {empty} has no tokens after tokenisation")
+    return Examples(inputs, mask, np.asarray(labels, np.int32))
+
+
+def classification_iterator(examples: Examples, global_batch: int, seed: int):
+    """Checkpointable grain iterator over shuffled, repeated batches of this process's rows."""
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+    ds = ds[jax.process_index() :: jax.process_count()]
+    ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(ds.to_iter_dataset(options))
+
+
+def classification_eval_batches(examples: Examples, global_batch: int,
+                                max_batches: int) -> list[dict[str, np.ndarray]]:
+    """All examples in their order (at most `max_batches` batches); the last batch is padded
+    with weight-0 rows so each example counts exactly once."""
+    local = _local_batch(global_batch)
+    batches = []
+    for start in range(0, len(examples), global_batch):
+        if len(batches) == max_batches:
+            break
+        index = np.arange(start, start + global_batch)
+        rows = index[jax.process_index() * local : (jax.process_index() + 1) * local]
+        real = rows < len(examples)
+        take = np.where(real, rows, 0)
+        batches.append({"inputs": examples.inputs[take], "mask": examples.mask[take],
+                        "label": examples.labels[take], "weight": real.astype(np.float32)})
+    return batches
+
+
+def _classification_tokenizer(kind: str, train_texts: list[str], eval_texts: list[str],
+                              vocab_size: int | None) -> Tokenizer:
+    if kind == "char":
+        # Vocabulary (not labels) from both splits, as nanoGPT's char vocab, so dev
+        # characters unseen in training still encode.
+        return CharTokenizer.from_text("".join(train_texts + eval_texts))
+    if kind == "sentencepiece":
+        if not vocab_size:
+            raise ValueError("a sentencepiece tokenizer needs classify_dataset.vocab_size")
+        # Trained on the train split only; id 0 is padding, 1 unknown.
+        return SentencePieceTokenizer.train(train_texts, vocab_size=vocab_size, pad_id=0,
+                                            unk_id=1, bos_id=-1, eos_id=-1, pad_piece="<pad>")
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'char' or 'sentencepiece'")
+
+
+def load_classification_data(
+    name: str,
+    *,
+    tokenizer: str = "sentencepiece",
+    vocab_size: int | None = 8000,
+    max_length: int = 64,
+    tfds_dir: str | None = None,
+    manual_dir: str | None = None,
+    tokenizer_dir: str | None = None,
+    lowercase: bool = False,
+) -> ClassificationData:
+    """Train and validation (dev) examples of a `text`/`label` tfds dataset, padded.
+
+    The tokenizer is saved to `tokenizer_dir` and reused from there when present.
+    """
+    builders.prepare(name, tfds_dir, manual_dir)
+    splits = {s: builders.read_examples(name, s, tfds_dir) for s in ("train", "validation")}
+    texts = {s: [_text(e, lowercase) for e in rows] for s, rows in splits.items()}
+    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        tok = load_tokenizer(tokenizer_dir)
+    else:
+        tok = _classification_tokenizer(tokenizer, texts["train"], texts["validation"],
+                                        vocab_size)
+        if tokenizer_dir:
+            tok.save(tokenizer_dir)
+    pad_id = getattr(tok, "pad_id", 0)
+    pad_id = 0 if pad_id < 0 else pad_id
+    padded = {s: pad_examples([tok.encode(t) for t in texts[s]],
+                              [int(e["label"]) for e in splits[s]], max_length, pad_id)
+              for s in splits}
+    return ClassificationData(tok, padded["train"], padded["validation"], max_length)
+
+
+def _text(example: dict, lowercase: bool) -> str:
+    text = example["text"].decode("utf-8") if isinstance(example["text"], bytes) else \
+        example["text"]
+    return text.lower() if lowercase else text

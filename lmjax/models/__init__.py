@@ -1,5 +1,17 @@
-"""Model families."""
+"""Model families; `MODELS` maps a config class name to its module."""
 
+from lmjax.models.classifiers import CBoW, CBoWConfig
 from lmjax.models.transformer import GPT, GPTConfig
+from lmjax.registry import Registry
 
-__all__ = ["GPT", "GPTConfig"]
+MODELS: Registry[type] = Registry("model")
+MODELS.register("GPTConfig")(GPT)
+MODELS.register("CBoWConfig")(CBoW)
+
+
+def build_model(config):
+    """The Flax module for a frozen config dataclass (looked up by its class name)."""
+    return MODELS.get(type(config).__name__)(config)
+
+
+__all__ = ["CBoW", "CBoWConfig", "GPT", "GPTConfig", "MODELS", "build_model"]

@@ -1,8 +1,12 @@
 """Optimiser and learning-rate schedule (nanoGPT's recipe on optax)."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from lmjax.registry import Registry
 
 
 def warmup_cosine(
@@ -44,3 +48,31 @@ def adamw(
         optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=decay_mask)
     )
     return optax.chain(*parts)
+
+
+def _clip(grad_clip: float) -> list[optax.GradientTransformation]:
+    return [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+
+
+def rmsprop(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.95,
+            weight_decay: float = 0.0, grad_clip: float = 5.0) -> optax.GradientTransformation:
+    """char-rnn's RMSprop: `beta2` is the squared-gradient decay (char-rnn: 0.95).
+
+    Global-norm clipping stands in for char-rnn's element-wise clamp; beta1 and
+    weight_decay are not used.
+    """
+    del beta1, weight_decay
+    return optax.chain(*_clip(grad_clip), optax.rmsprop(schedule, decay=beta2, eps=1e-8))
+
+
+def adam(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.999,
+         weight_decay: float = 0.0, grad_clip: float = 1.0) -> optax.GradientTransformation:
+    """Adam (no weight decay) with global-norm clipping."""
+    del weight_decay
+    return optax.chain(*_clip(grad_clip), optax.adam(schedule, b1=beta1, b2=beta2))
+
+
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
+OPTIMIZERS.register("adamw")(adamw)
+OPTIMIZERS.register("adam")(adam)
+OPTIMIZERS.register("rmsprop")(rmsprop)

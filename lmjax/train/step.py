@@ -1,4 +1,8 @@
-"""Loss, training step (with gradient accumulation) and evaluation step."""
+"""Loss, training step (with gradient accumulation) and evaluation step.
+
+The step is generic over a task (lmjax/train/tasks.py): the task computes the loss and
+its metrics and may hand a carried state (an RNN's hidden state) to the next batch.
+"""
 
 import functools
 
@@ -31,27 +35,43 @@ def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
     return x.reshape(rows, num_micro, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _grads(model, params, batch, rng, num_micro: int, deterministic: bool):
-    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model, deterministic=deterministic))
+def _join_micro(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro`: (num_micro, rows, ...) -> (rows * num_micro, ...)."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _grads(task, params, batch, carry, rng, num_micro: int, deterministic: bool):
+    """((loss, (metrics, carry)), grads), averaged over microbatches."""
+
+    def loss_fn(p, mb, c, key):
+        return task.loss(p, mb, c, key, deterministic)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
-        return grad_fn(params, batch, rng)
-    micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
+        return grad_fn(params, batch, carry, rng)
+    split = functools.partial(jax.tree.map, lambda x: _split_micro(x, num_micro))
 
-    def accumulate(carry, inputs):
-        index, mb = inputs
-        loss, grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    def accumulate(total, inputs):
+        index, mb, c = inputs
+        (loss, (metrics, c)), grads = grad_fn(params, mb, c, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, total, (loss, metrics, grads)), c
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), micro))
-    return jax.tree.map(lambda x: x / num_micro, (loss, grads))
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split(batch)),
+                            jax.tree.map(lambda x: x[0], split(carry)), rng)
+    (_, (metric_shapes, _)), _ = shapes
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, metric_shapes),
+             jax.tree.map(jnp.zeros_like, params))
+    total, carries = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), split(batch),
+                                                      split(carry)))
+    loss, metrics, grads = jax.tree.map(lambda x: x / num_micro, total)
+    return (loss, (metrics, jax.tree.map(_join_micro, carries))), grads
 
 
-def train_step(
+def task_train_step(
     state: TrainState,
     batch: dict,
     *,
-    model: nn.Module,
+    task,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     num_micro: int = 1,
@@ -59,17 +79,43 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimiser update; per-step randomness is fold_in(rng, step)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, grads = _grads(model, state.params, batch, rng, num_micro, deterministic)
+    (loss, (extra, carry)), grads = _grads(task, state.params, batch, state.carry, rng,
+                                           num_micro, deterministic)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
+        **extra,
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=carry)
+    return new, metrics
+
+
+class _ModelLM:
+    """The LM loss of a bare GPT module, for `train_step(model=...)` callers."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def loss(self, params, batch, carry, rng, deterministic):
+        return _loss_fn(self.model, params, batch, rng, deterministic), ({}, carry)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, num_micro: int = 1,
+               deterministic: bool = False) -> tuple[TrainState, dict]:
+    """`task_train_step` for a GPT module trained on next-token prediction."""
+    return task_train_step(state, batch, task=_ModelLM(model), tx=tx, schedule=schedule,
+                           num_micro=num_micro, deterministic=deterministic)
 
 
 def eval_step(params, batch: dict, *, model: nn.Module) -> jax.Array:
     """Mean loss of one batch, deterministic (no dropout)."""
     return _loss_fn(model, params, batch, None, deterministic=True)
+
+
+def task_eval_step(params, batch: dict, carry, *, task) -> tuple[dict, object]:
+    """The task's eval sums of one batch and the carry for the next."""
+    return task.eval_sums(params, batch, carry)

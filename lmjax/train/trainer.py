@@ -7,19 +7,19 @@ import os
 import time
 
 import jax
-import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from lmjax.data.pipelines import LMData, eval_batches, train_iterator
+from lmjax.data.pipelines import LMData
 from lmjax.models import GPT, GPTConfig
 from lmjax.parallel.mesh import batch_parallelism, batch_sharding
 from lmjax.train import optim
 from lmjax.train.checkpoint import Checkpointer, as_abstract
 from lmjax.train.metrics import MetricWriter
-from lmjax.train.state import TrainState, create_state, state_shardings
-from lmjax.train.step import eval_step, train_step
+from lmjax.train.state import TrainState, create_task_state, task_state_shardings
+from lmjax.train.step import task_eval_step, task_train_step
+from lmjax.train.tasks import LMTask, Task, add_sums
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     seed: int = 1337
+    optimizer: str = "adamw"  # a name in optim.OPTIMIZERS
 
     def validate(self, parallelism: int) -> None:
         positive = ("num_steps", "batch_size", "microbatches", "log_every", "eval_every",
@@ -69,37 +70,44 @@ class TrainConfig:
 class Setup:
     """What a run needs besides its state: compiled functions, shardings, checkpoints."""
 
-    model: GPT
+    model: nn.Module
     tx: object
     abstract: TrainState  # ShapeDtypeStructs with shardings
     step_fn: object
     eval_fn: object
     batch_sharding: NamedSharding
     checkpoints: Checkpointer
+    task: Task | None = None
+
+
+def gpt_task(model_config: GPTConfig, data: LMData | None = None) -> LMTask:
+    """The GPT language-model task (data is only needed for its input pipelines)."""
+    return LMTask(GPT(model_config), data, model_config.block_size)
 
 
 def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workdir: str,
-          read_only: bool = False) -> Setup:
-    model = GPT(model_config)
+          read_only: bool = False, task: Task | None = None) -> Setup:
+    """Compiled step and eval functions of `task` (default: the GPT LM of model_config)."""
+    task = task or gpt_task(model_config)
     schedule = optim.warmup_cosine(
         config.learning_rate, config.min_lr, config.warmup_steps,
         config.decay_steps or config.num_steps,
     )
-    tx = optim.adamw(schedule, beta1=config.beta1, beta2=config.beta2,
-                     weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    abstract, shardings = state_shardings(model, tx, model_config.block_size, mesh, rules)
-    data_sharding = batch_sharding(mesh)
-    batch_shardings = {"inputs": data_sharding, "targets": data_sharding}
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+    tx = optim.OPTIMIZERS.get(config.optimizer)(
+        schedule, beta1=config.beta1, beta2=config.beta2, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip)
+    abstract, shardings = task_state_shardings(task, tx, config.batch_size, mesh, rules)
+    data_sharding = batch_sharding(mesh)  # a prefix: every batch leaf splits its rows
+    step = functools.partial(task_train_step, task=task, tx=tx, schedule=schedule,
                              num_micro=config.microbatches)
-    step_fn = jax.jit(step, in_shardings=(shardings, batch_shardings),
+    step_fn = jax.jit(step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(shardings.params, batch_shardings))
+    eval_fn = jax.jit(functools.partial(task_eval_step, task=task),
+                      in_shardings=(shardings.params, data_sharding, data_sharding))
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                read_only=read_only)
-    return Setup(model, tx, as_abstract(abstract, shardings), step_fn, eval_fn, data_sharding,
-                 checkpoints)
+    return Setup(task.model, tx, as_abstract(abstract, shardings), step_fn, eval_fn,
+                 data_sharding, checkpoints, task)
 
 
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -107,19 +115,33 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(setup: Setup, params, batches: list[dict]) -> float:
-    losses = []
+def evaluate_metrics(setup: Setup, params, batches: list[dict], batch_size: int) -> dict:
+    """The task's eval metrics over `batches` (sums added on the host in float64)."""
+    task = setup.task
+    carry = jax.device_put(task.eval_carry(batch_size), setup.batch_sharding)
+    pending, total = [], None
     for batch in batches:
-        losses.append(setup.eval_fn(params, to_global(batch, setup.batch_sharding)))
-        if len(losses) > 1:  # at most two in flight, as in the training loop
-            jax.block_until_ready(losses[-2])
-    return float(np.mean(jax.device_get(losses)))
+        sums, carry = setup.eval_fn(params, to_global(batch, setup.batch_sharding), carry)
+        pending.append(sums)
+        if len(pending) > 1:  # at most two in flight, as in the training loop
+            jax.block_until_ready(pending[-2])
+    for sums in jax.device_get(pending):
+        total = add_sums(total, sums)
+    return task.finish_eval(total)
 
 
-def _eval_set(data: LMData, model_config: GPTConfig, config: TrainConfig) -> list[dict]:
-    return eval_batches(data.eval, model_config.block_size,
-                        config.eval_batch_size or config.batch_size, config.eval_batches,
-                        config.seed + 1)
+def evaluate(setup: Setup, params, batches: list[dict], batch_size: int | None = None) -> float:
+    """Eval loss over `batches`."""
+    size = batch_size or len(next(iter(batches[0].values())))
+    return evaluate_metrics(setup, params, batches, size)["loss"]
+
+
+def _eval_batch_size(config: TrainConfig) -> int:
+    return config.eval_batch_size or config.batch_size
+
+
+def _eval_set(task: Task, config: TrainConfig) -> list[dict]:
+    return task.eval_batches(_eval_batch_size(config), config.eval_batches, config.seed + 1)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
@@ -136,11 +158,11 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
     return fetched
 
 
-def _restore_or_init(setup: Setup, model_config, config: TrainConfig, mesh, rules, data_iter):
+def _restore_or_init(setup: Setup, config: TrainConfig, mesh, rules, data_iter):
     latest = setup.checkpoints.latest_step()
     if latest is None:
-        state = create_state(setup.model, setup.tx, model_config.block_size, config.seed, mesh,
-                             rules)
+        state = create_task_state(setup.task, setup.tx, config.batch_size, config.seed, mesh,
+                                  rules)
         return state, {"best_eval_loss": None, "best_step": None}, None
     state, meta = setup.checkpoints.restore(latest, setup.abstract, data_iter)
     return state, meta, latest
@@ -155,27 +177,28 @@ def train(
     mesh: Mesh,
     rules,
     on_ready=None,
+    task: Task | None = None,
 ) -> dict:
     """Trains (or resumes from `workdir`) and returns a summary of the final metrics.
 
-    `on_ready` runs once the checkpoint has been checked against the model and before
-    anything is written, so callers can record the config without overwriting a
-    workdir that belongs to another model.
+    `task` defaults to the GPT language model of `model_config` on `data`. `on_ready`
+    runs once the checkpoint has been checked against the model and before anything is
+    written, so callers can record the config without overwriting a workdir that
+    belongs to another model.
     """
     config.validate(batch_parallelism(mesh))
-    setup = build(model_config, config, mesh, rules, workdir)
-    data_iter = train_iterator(data.train, model_config.block_size, config.batch_size,
-                               config.seed)
+    task = task or gpt_task(model_config, data)
+    setup = build(model_config, config, mesh, rules, workdir, task=task)
+    data_iter = task.train_iterator(config.batch_size, config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, meta, start = _restore_or_init(setup, model_config, config, mesh, rules, data_iter)
+        state, meta, start = _restore_or_init(setup, config, mesh, rules, data_iter)
     if on_ready is not None:
         on_ready()
-    evals = _eval_set(data, model_config, config)
+    evals = _eval_set(task, config)
     writer = MetricWriter(workdir, start)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            summary = _loop(setup, state, meta, start or 0, config, data_iter, evals, writer,
-                            model_config)
+            summary = _loop(setup, state, meta, start or 0, config, data_iter, evals, writer)
     finally:
         setup.checkpoints.wait()
         setup.checkpoints.close()
@@ -183,11 +206,21 @@ def train(
     return summary
 
 
-def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_config) -> dict:
-    tokens_per_step = config.batch_size * model_config.block_size
+def _eval_record(setup, state, meta, step, config, evals, writer) -> tuple[dict, dict]:
+    """Evaluates, updates the best-so-far record and writes the eval line."""
+    metrics = evaluate_metrics(setup, state.params, evals, _eval_batch_size(config))
+    loss = metrics["loss"]
+    if meta["best_eval_loss"] is None or loss < meta["best_eval_loss"]:
+        meta = {**meta, "best_eval_loss": loss, "best_step": step}
+    writer.write({"step": step, "split": "eval", **metrics, "best_loss": meta["best_eval_loss"]})
+    return metrics, meta
+
+
+def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
+    items_per_step = setup.task.items_per_step(config.batch_size)
     pending: list[tuple[int, dict]] = []
     last = {"time": time.perf_counter(), "step": start}
-    record, eval_loss = {}, None
+    record, eval_loss, eval_metrics = {}, None, {}
     bar = tqdm(total=config.num_steps, initial=start, desc="train", unit="step",
                disable=jax.process_index() != 0)
     run_start = time.perf_counter()
@@ -201,7 +234,7 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
         pending.append((step, metrics))
         final = step == config.num_steps
         if step % config.log_every == 0 or final:
-            record = _log_train(pending, last, tokens_per_step, writer)
+            record = _log_train(pending, last, items_per_step, writer, setup.task.throughput_key)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             pending = []
         eval_loss = None
@@ -210,11 +243,8 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
         if do_eval or do_save:
             _check_finite(pending)  # never evaluate or save a state that produced NaN
         if do_eval:
-            eval_loss = evaluate(setup, state.params, evals)
-            if meta["best_eval_loss"] is None or eval_loss < meta["best_eval_loss"]:
-                meta = {**meta, "best_eval_loss": eval_loss, "best_step": step}
-            writer.write({"step": step, "split": "eval", "loss": eval_loss,
-                          "best_loss": meta["best_eval_loss"]})
+            eval_metrics, meta = _eval_record(setup, state, meta, step, config, evals, writer)
+            eval_loss = eval_metrics["loss"]
         if do_save:
             setup.checkpoints.save(step, state, data_iter, meta, eval_loss)
         bar.update(1)
@@ -227,23 +257,31 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer, model_con
         "best_eval_loss": meta["best_eval_loss"],
         "best_step": meta["best_step"],
         "seconds": elapsed,
+        "eval": eval_metrics,
     }
     if start == config.num_steps:
         print(f"{config.num_steps} steps already done in this workdir; nothing to train")
     else:
+        extra = _format_extra(eval_metrics)
         print(
             f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}, eval loss "
-            f"{eval_loss:.4f} (best {meta['best_eval_loss']:.4f} at step {meta['best_step']}), "
-            f"{elapsed:.1f} s"
+            f"{eval_loss:.4f}{extra} (best {meta['best_eval_loss']:.4f} at step "
+            f"{meta['best_step']}), {elapsed:.1f} s"
         )
     return summary
 
 
-def _log_train(pending, last, tokens_per_step, writer) -> dict:
+def _format_extra(metrics: dict) -> str:
+    """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification)."""
+    shown = [k for k in ("accuracy", "f1") if k in metrics]
+    return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
+
+
+def _log_train(pending, last, items_per_step, writer, throughput_key="tokens_per_sec") -> dict:
     metrics = _check_finite(pending)[-1]  # one fetch for the interval; waits for its last step
     step = pending[-1][0]
     now = time.perf_counter()
-    tokens_per_sec = (step - last["step"]) * tokens_per_step / (now - last["time"])
+    items_per_sec = (step - last["step"]) * items_per_step / (now - last["time"])
     last.update(time=now, step=step)
     record = {
         "step": step,
@@ -251,15 +289,18 @@ def _log_train(pending, last, tokens_per_step, writer) -> dict:
         "loss": float(metrics["loss"]),
         "learning_rate": float(metrics["learning_rate"]),
         "grad_norm": float(metrics["grad_norm"]),
-        "tokens_per_sec": tokens_per_sec,
+        throughput_key: items_per_sec,
     }
+    for key in sorted(set(metrics) - {"loss", "learning_rate", "grad_norm"}):
+        record[key] = float(metrics[key])  # the task's own train metrics (e.g. accuracy)
     writer.write(record)
     return record
 
 
-def restore_best(workdir: str, model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules):
+def restore_best(workdir: str, model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules,
+                 task: Task | None = None):
     """(setup, state, step) of the best checkpoint in workdir (the latest if none has an eval)."""
-    setup = build(model_config, config, mesh, rules, workdir, read_only=True)
+    setup = build(model_config, config, mesh, rules, workdir, read_only=True, task=task)
     step = setup.checkpoints.best_step() or setup.checkpoints.latest_step()
     if step is None:
         raise FileNotFoundError(
@@ -272,13 +313,15 @@ def restore_best(workdir: str, model_config: GPTConfig, config: TrainConfig, mes
 
 
 def evaluate_best(*, workdir: str, model_config: GPTConfig, data: LMData, config: TrainConfig,
-                  mesh: Mesh, rules, on_ready=None) -> dict:
+                  mesh: Mesh, rules, on_ready=None, task: Task | None = None) -> dict:
     """Re-evaluates the best checkpoint on the eval batches training used."""
     del on_ready
-    setup, state, step = restore_best(workdir, model_config, config, mesh, rules)
-    evals = _eval_set(data, model_config, config)
+    task = task or gpt_task(model_config, data)
+    setup, state, step = restore_best(workdir, model_config, config, mesh, rules, task)
+    evals = _eval_set(task, config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        loss = evaluate(setup, state.params, evals)
+        metrics = evaluate_metrics(setup, state.params, evals, _eval_batch_size(config))
     setup.checkpoints.close()
-    print(f"eval: step {step}, loss {loss:.4f} over {config.eval_batches} batches")
-    return {"step": step, "split": "eval", "loss": loss}
+    print(f"eval: step {step}, loss {metrics['loss']:.4f}{_format_extra(metrics)} over "
+          f"{len(evals)} batches")
+    return {"step": step, "split": "eval", **metrics}

@@ -1,0 +1,187 @@
+"""Tasks: what the one trainer needs to know about a model family and its data.
+
+A task bundles the Flax module, the arguments that initialise it, the loss (with
+metrics), an evaluation step that returns *sums* (so metrics over many batches are
+exact, e.g. accuracy and F1 over the whole dev set), the input pipelines and an
+optional carried state: an RNN's hidden state handed from one training batch to the
+next (truncated BPTT). The trainer stores that carry in the train state, so it is
+sharded with the batch and checkpointed, and a resumed run continues exactly.
+
+Gin picks a task by name with `train.task` (entry.py's TASKS registry builds it with
+its data and model).
+"""
+
+import abc
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from lmjax.data import pipelines
+
+Batch = dict[str, Any]
+Carry = Any  # a pytree whose leaves have the batch as leading axis, or None
+
+
+class Task(abc.ABC):
+    """The interface the trainer uses."""
+
+    model: nn.Module
+    throughput_key: str = "tokens_per_sec"  # name of the train record's items/s field
+
+    @abc.abstractmethod
+    def init_args(self) -> tuple[jax.Array, ...]:
+        """Positional arguments of `model.init` after the rng (batch of one)."""
+
+    def init_carry(self, batch_size: int) -> Carry:
+        """The carried state at the start of training (None: nothing carried)."""
+        del batch_size
+        return None
+
+    @abc.abstractmethod
+    def loss(self, params, batch: Batch, carry: Carry, rng, deterministic: bool
+             ) -> tuple[jax.Array, tuple[dict, Carry]]:
+        """(mean loss, (metrics, next carry)); `rng` is None when deterministic."""
+
+    @abc.abstractmethod
+    def eval_sums(self, params, batch: Batch, carry: Carry) -> tuple[dict, Carry]:
+        """Sums over one eval batch that `finish_eval` turns into metrics."""
+
+    def eval_carry(self, batch_size: int) -> Carry:
+        return self.init_carry(batch_size)
+
+    @abc.abstractmethod
+    def finish_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics from sums added over all eval batches; always has `loss`."""
+
+    @abc.abstractmethod
+    def train_iterator(self, batch_size: int, seed: int):
+        """Checkpointable iterator (`get_state`/`set_state`) of global-batch shares."""
+
+    @abc.abstractmethod
+    def eval_batches(self, batch_size: int, num_batches: int, seed: int) -> list[Batch]:
+        """A fixed list of eval batches, the same at every evaluation."""
+
+    @abc.abstractmethod
+    def items_per_step(self, batch_size: int) -> int:
+        """Tokens (or examples) one step of `batch_size` rows trains on."""
+
+
+def _rngs(rng) -> dict | None:
+    return None if rng is None else {"dropout": rng}
+
+
+class LMTask(Task):
+    """Next-token prediction on random windows of a token stream (the GPT recipe)."""
+
+    def __init__(self, model: nn.Module, data: pipelines.LMData, length: int):
+        self.model, self.data, self.length = model, data, length
+
+    def init_args(self):
+        return (jnp.zeros((1, self.length), jnp.int32),)
+
+    def loss(self, params, batch, carry, rng, deterministic):
+        logits = self.model.apply({"params": params}, batch["inputs"],
+                                  deterministic=deterministic, rngs=_rngs(rng))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+        return loss, ({}, carry)
+
+    def eval_sums(self, params, batch, carry):
+        loss, _ = self.loss(params, batch, carry, None, True)
+        return {"loss": loss, "batches": jnp.ones((), jnp.float32)}, carry
+
+    def finish_eval(self, sums):
+        return {"loss": sums["loss"] / sums["batches"]}
+
+    def train_iterator(self, batch_size, seed):
+        return pipelines.train_iterator(self.data.train, self.length, batch_size, seed)
+
+    def eval_batches(self, batch_size, num_batches, seed):
+        return pipelines.eval_batches(self.data.eval, self.length, batch_size, num_batches, seed)
+
+    def items_per_step(self, batch_size):
+        return batch_size * self.length
+
+
+def binary_counts(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
+    """Weighted correct / true-positive / false-positive / false-negative counts.
+
+    logits: (batch, classes); labels, weights: (batch,). Class 1 is the positive class.
+    """
+    pred = jnp.argmax(logits, axis=-1)
+    pos_pred, pos_true = (pred == 1), (labels == 1)
+    return {
+        "correct": jnp.sum(weights * (pred == labels)),
+        "tp": jnp.sum(weights * (pos_pred & pos_true)),
+        "fp": jnp.sum(weights * (pos_pred & ~pos_true)),
+        "fn": jnp.sum(weights * (~pos_pred & pos_true)),
+    }
+
+
+def classification_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """loss, accuracy and F1 (positive class 1) from summed counts."""
+    count = max(float(sums["count"]), 1.0)
+    tp, fp, fn = (float(sums[k]) for k in ("tp", "fp", "fn"))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count,
+            "f1": f1, "examples": float(sums["count"])}
+
+
+class ClassifyTask(Task):
+    """Sequence classification: model(inputs, mask) -> logits (batch, classes).
+
+    Batches are `{"inputs", "mask", "label", "weight"}`; eval pads the last batch with
+    weight-0 rows so every dev example counts exactly once.
+    """
+
+    throughput_key = "examples_per_sec"
+
+    def __init__(self, model: nn.Module, data: pipelines.ClassificationData):
+        self.model, self.data = model, data
+
+    def init_args(self):
+        length = self.data.max_length
+        return jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.bool_)
+
+    def _logits(self, params, batch, rng, deterministic):
+        return self.model.apply({"params": params}, batch["inputs"], batch["mask"],
+                                deterministic=deterministic, rngs=_rngs(rng))
+
+    def loss(self, params, batch, carry, rng, deterministic):
+        logits = self._logits(params, batch, rng, deterministic)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        weights = batch["weight"]
+        loss = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        accuracy = jnp.sum(weights * (jnp.argmax(logits, -1) == batch["label"]))
+        return loss, ({"accuracy": accuracy / jnp.maximum(jnp.sum(weights), 1.0)}, carry)
+
+    def eval_sums(self, params, batch, carry):
+        logits = self._logits(params, batch, None, True)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        sums = binary_counts(logits, batch["label"], batch["weight"])
+        sums.update(loss=jnp.sum(per_example * batch["weight"]), count=jnp.sum(batch["weight"]))
+        return sums, carry
+
+    def finish_eval(self, sums):
+        return classification_metrics(sums)
+
+    def train_iterator(self, batch_size, seed):
+        return pipelines.classification_iterator(self.data.train, batch_size, seed)
+
+    def eval_batches(self, batch_size, num_batches, seed):
+        del seed  # the whole dev split, in its stored order
+        return pipelines.classification_eval_batches(self.data.eval, batch_size, num_batches)
+
+    def items_per_step(self, batch_size):
+        return batch_size
+
+
+def add_sums(total: dict | None, sums: dict) -> dict:
+    """Host-side float64 accumulation of eval sums."""
+    sums = {k: np.float64(v) for k, v in sums.items()}
+    if total is None:
+        return sums
+    return {k: total[k] + sums[k] for k in total}
