@@ -17,9 +17,9 @@ from lmjax.train.state import create_task_state
 VOCAB = 200
 LENGTH = 32
 # 4 heads and a 200-symbol vocabulary (padded to 256) split over tensor=4.
-MODEL = BertConfig(size="tiny", vocab_size=VOCAB, max_len=LENGTH, num_layers=2, embed_dim=64,
+MODEL = BertConfig(size="tiny", vocab_size=VOCAB, max_len=LENGTH, num_layers=1, embed_dim=64,
                    num_heads=4, dropout=0.1, attention_dropout=0.1)
-TRAIN = trainer.TrainConfig(num_steps=4, batch_size=8, warmup_steps=1, learning_rate=1e-3)
+TRAIN = trainer.TrainConfig(num_steps=3, batch_size=8, warmup_steps=1, learning_rate=1e-3)
 
 
 def _pretrain_data():
@@ -45,7 +45,7 @@ TASKS = {
 }
 
 
-def _losses(task, mesh, steps=4):
+def _losses(task, mesh, steps=3):
     rules = RULES.get("fsdp_tensor")
     setup = trainer.build(MODEL, TRAIN, mesh, rules, "/tmp/lmjax-test-unused", task=task)
     batches = task.train_iterator(TRAIN.batch_size, 0)

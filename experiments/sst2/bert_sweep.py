@@ -68,7 +68,7 @@ def _finetune_params(pretrained: Path, lr: float, batch: int, epochs: float, see
     return [f"finetune.init_workdir='{pretrained}'", f"train.learning_rate={lr}",
             f"train.batch_size={batch}", f"train.num_steps={steps}",
             f"train.warmup_steps={steps // 10}", f"train.eval_every={every}",
-            f"train.checkpoint_every={every}", f"train.eval_batch_size=32",
+            f"train.checkpoint_every={every}", "train.eval_batch_size=32",
             f"train.seed={seed}"]
 
 

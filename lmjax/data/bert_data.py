@@ -94,18 +94,11 @@ def load_corpus(sources: tuple[str, ...], tfds_dir: str | None = None,
     return train, held
 
 
-def _examples(name: str, split: str, tfds_dir: str | None) -> list[dict]:
-    builder = builders.BUILDERS.get(name)(data_dir=tfds_dir or builders.default_tfds_dir(),
-                                          file_format="array_record")
-    source = builder.as_data_source(split=split)
-    return [source[i] for i in range(len(source))]
-
-
 def _wikitext(tfds_dir):
     articles = []
     for split in ("validation", "test"):
         articles += [ex["text"].decode("utf-8")
-                     for ex in _examples("wikitext2", split, tfds_dir)]
+                     for ex in builders.read_examples("wikitext2", split, tfds_dir)]
     return wikitext_documents(articles), []
 
 
@@ -117,7 +110,7 @@ def _shakespeare(tfds_dir):
 
 def _sst2(tfds_dir):
     """SST-2 training sentences without labels, deduplicated, as extra MLM text."""
-    rows = _examples("sst2", "train", tfds_dir)
+    rows = builders.read_examples("sst2", "train", tfds_dir)
     return [], list(dict.fromkeys(ex["text"].decode("utf-8") for ex in rows))
 
 

@@ -1,5 +1,6 @@
 """Model families; `MODELS` maps a config class name to its module."""
 
+from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
 from lmjax.models.classifiers import CBoW, CBoWConfig
 from lmjax.models.transformer import GPT, GPTConfig
 from lmjax.registry import Registry
@@ -7,6 +8,9 @@ from lmjax.registry import Registry
 MODELS: Registry[type] = Registry("model")
 MODELS.register("GPTConfig")(GPT)
 MODELS.register("CBoWConfig")(CBoW)
+# A BERT config builds its classifier (train.task='classify'); pretraining and
+# fine-tuning from a pretrained run are the tasks bert_pretrain and bert_finetune.
+MODELS.register("BertConfig")(BertClassifier)
 
 
 def build_model(config):
@@ -14,4 +18,5 @@ def build_model(config):
     return MODELS.get(type(config).__name__)(config)
 
 
-__all__ = ["CBoW", "CBoWConfig", "GPT", "GPTConfig", "MODELS", "build_model"]
+__all__ = ["BertClassifier", "BertConfig", "BertPretrain", "CBoW", "CBoWConfig", "GPT",
+           "GPTConfig", "MODELS", "build_model"]

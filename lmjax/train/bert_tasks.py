@@ -14,7 +14,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmjax.data import bert_data
+from lmjax.data import bert_data, builders, pipelines
+from lmjax.data.tokenizers import load_tokenizer
 from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
 from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
 from lmjax.train.tasks import ClassifyTask, Task
@@ -192,14 +193,36 @@ def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:
                     "point finetune.init_workdir at the run this workdir started from.")
 
 
-def finetune_data(tokenizer, max_length: int, tfds_dir: str | None = None):
-    """SST-2 train/dev as [CLS] sentence [SEP], padded (the classification task's format)."""
-    from lmjax.data import builders, pipelines
+def finetune_tokenizer(tokenizer_dir: str | None, pretrained_dir: str | None):
+    """The pretraining run's vocabulary, copied into (or checked against) this run's."""
+    mine = tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
+    theirs = pretrained_dir and os.path.exists(os.path.join(pretrained_dir, "tokenizer.json"))
+    if mine and theirs:
+        check_same_vocabulary(tokenizer_dir, pretrained_dir)
+    if not (mine or theirs):
+        raise FileNotFoundError(
+            f"no BERT vocabulary: {pretrained_dir or 'finetune.init_workdir (unset)'} has no "
+            "tokenizer. Set finetune.init_workdir to a bert_pretrain workdir (its vocabulary "
+            "is used even with finetune.init_params=False).")
+    tok = load_tokenizer(tokenizer_dir if mine else pretrained_dir)
+    bert_data.check_specials(tok)
+    if tokenizer_dir and not mine:
+        tok.save(tokenizer_dir)
+    return tok
 
+
+def finetune_data(tokenizer, max_length: int, tfds_dir: str | None = None,
+                  limit: int | None = None):
+    """SST-2 train/dev as [CLS] sentence [SEP], padded (the classification task's format).
+
+    `limit` keeps the first training sentences only (tests); dev is always whole.
+    """
     builders.prepare("sst2", tfds_dir)
     splits = {}
     for split in ("train", "validation"):
         rows = builders.read_examples("sst2", split, tfds_dir)
+        if split == "train":
+            rows = rows[:limit]
         ids = [np.concatenate([[bert_data.CLS],
                                tokenizer.encode(r["text"].decode("utf-8"))[: max_length - 2],
                                [bert_data.SEP]]).astype(np.int32) for r in rows]
