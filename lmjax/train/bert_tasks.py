@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+import orbax.checkpoint as ocp
 
 from lmjax.data import bert_data, builders, pipelines
 from lmjax.data.tokenizers import load_tokenizer
@@ -149,35 +149,33 @@ def check_encoder(saved: dict, wanted: dict, where: str) -> None:
 
 
 def load_pretrained_encoder(workdir: str, target, mesh):
-    """The `bert/...` params of the best (else latest) checkpoint, placed like `target`."""
+    """The `bert/...` params of the best (else latest) checkpoint, placed like `target`.
+
+    Reads only the encoder (an orbax partial restore), straight onto the shardings of
+    `target` (the fresh model's encoder), so any mesh can fine-tune any pretraining run.
+    """
+    del mesh  # the shardings come with `target`
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         step = checkpoints.best_step() or checkpoints.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining "
-                "first (configs/experiments/bert_pretrain_offline.gin)")
-        meta = checkpoints.manager.item_metadata(step)["state"]
-        params_meta = meta["params"]
-        saved = _flat(params_meta.get("bert", params_meta))
-        check_encoder(saved if "bert" in params_meta else _flat(params_meta), _flat(target),
-                      workdir)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), meta)
-        state, _ = checkpoints.restore(step, _Abstract(abstract))
     finally:
         checkpoints.close()
-    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding).astype(t.dtype),
-                        state["params"]["bert"], target)
-
-
-class _Abstract(dict):
-    """A restore target that is the saved tree itself (check_compatible reads .params)."""
-
-    @property
-    def params(self):
-        return self["params"]
+    if step is None:
+        raise FileNotFoundError(
+            f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining first "
+            "(configs/experiments/bert_pretrain_offline.gin)")
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    reader = ocp.PyTreeCheckpointer()
+    saved = reader.metadata(path).item_metadata["params"]
+    check_encoder(_flat(saved.get("bert", saved)), _flat(target), workdir)
+    item = {"params": {"bert": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)}}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        item)
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    return restored["params"]["bert"]
 
 
 def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:
