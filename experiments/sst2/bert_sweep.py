@@ -3,6 +3,7 @@
     python experiments/sst2/bert_sweep.py pretrain [--workdir=runs/bert_pretrain_offline]
     python experiments/sst2/bert_sweep.py sweep --lrs=1e-4,3e-4 --batch_sizes=16,32 --epochs=1
     python experiments/sst2/bert_sweep.py compare --lr=1e-4 --batch_size=32 --seeds=1,2,3
+    python experiments/sst2/bert_sweep.py table   # all recorded runs as markdown
 
 `sweep` fine-tunes the pretrained encoder once per (learning rate, batch size), as the
 BERT paper's fine-tuning recipe does (Devlin et al. 2019, A.3: lr in {5e-5, 3e-5, 2e-5},
@@ -98,8 +99,9 @@ def sweep(args) -> None:
 
 def compare(args) -> None:
     table = {}
-    for label, config in (("pretrained", FINETUNE), ("scratch", SCRATCH)):
-        accuracies = []
+    configs = {"pretrained": FINETUNE, "scratch": SCRATCH}
+    for label in args.inits.split(","):
+        config, accuracies = configs[label], []
         for seed in map(int, args.seeds.split(",")):
             name = f"{label}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs:g}_seed{seed}"
             params = _finetune_params(Path(args.pretrained), args.lr, args.batch_size,
@@ -115,6 +117,36 @@ def compare(args) -> None:
         spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
         print(f"| {label} | {len(acc)} | {statistics.mean(acc):.4f} | {spread:.4f} | "
               f"{min(acc):.4f} | {max(acc):.4f} |")
+
+
+def table(args) -> None:
+    """Markdown tables of every run recorded in bert_results.json."""
+    del args
+    results = json.loads(RESULTS.read_text())
+    for key, r in sorted(results.items()):
+        if key.startswith("pretrain"):
+            print(f"pretraining ({key}): step {r['step']}, MLM loss {r['mlm_loss']:.3f}, MLM "
+                  f"accuracy {r['mlm_accuracy']:.3f}, NSP accuracy {r['nsp_accuracy']:.3f}, "
+                  f"{r['wall_s']:.0f} s")
+    print("\n| lr | batch | epochs | dev accuracy | dev F1 | best step | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, r in sorted(results.items()):
+        if key.startswith("sweep"):
+            print(f"| {r['lr']:g} | {r['batch_size']} | {r['epochs']:g} | {r['accuracy']:.4f} | "
+                  f"{r['f1']:.4f} | {r['best_step']} | {r['wall_s']:.0f} |")
+    groups: dict[str, list[dict]] = {}
+    for key, r in results.items():
+        if "init" in r:
+            groups.setdefault(key.rsplit("_seed", 1)[0], []).append(r)
+    print("\n| run | seeds | dev accuracy mean | std | min | max | dev F1 mean | wall (s) each |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in sorted(groups.items()):
+        acc = [r["accuracy"] for r in runs]
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(f"| {name} | {','.join(str(r['seed']) for r in runs)} | "
+              f"{statistics.mean(acc):.4f} | {spread:.4f} | {min(acc):.4f} | {max(acc):.4f} | "
+              f"{statistics.mean(r['f1'] for r in runs):.4f} | "
+              f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
 
 
 def main() -> None:
@@ -134,10 +166,14 @@ def main() -> None:
     compare_p.add_argument("--lr", type=float, default=1e-4)
     compare_p.add_argument("--batch_size", type=int, default=32)
     compare_p.add_argument("--seeds", default="1,2,3")
+    compare_p.add_argument("--inits", default="pretrained,scratch",
+                           help="which encoders: pretrained, scratch or both")
     for s in sub.choices.values():
-        s.add_argument("--gin_param", action="append", default=[])
+        s.add_argument("--gin_param", action="append", default=[])  # added to every run
+    sub.add_parser("table")
     args = parser.parse_args()
-    {"pretrain": pretrain, "sweep": sweep, "compare": compare}[args.command](args)
+    commands = {"pretrain": pretrain, "sweep": sweep, "compare": compare, "table": table}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
