@@ -155,11 +155,13 @@ def load_pretrained_encoder(workdir: str, target, mesh):
     `target` (the fresh model's encoder), so any mesh can fine-tune any pretraining run.
     """
     del mesh  # the shardings come with `target`
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    try:
-        step = checkpoints.best_step() or checkpoints.latest_step()
-    finally:
-        checkpoints.close()
+    step = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+        try:
+            step = checkpoints.best_step() or checkpoints.latest_step()
+        finally:
+            checkpoints.close()
     if step is None:
         raise FileNotFoundError(
             f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining first "
