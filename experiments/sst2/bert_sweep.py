@@ -17,6 +17,7 @@ rows are printed for experiments/sst2/bert.md.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -47,9 +48,14 @@ def _evals(workdir: Path) -> list[dict]:
 
 
 def _save(key: str, record: dict) -> None:
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[key] = record
-    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    """Adds one run's record; a lock lets a sweep and a comparison run side by side."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results[key] = record
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, RESULTS)
 
 
 def _train(workdir: Path, config: str, params: list[str]) -> dict:
