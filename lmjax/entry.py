@@ -13,13 +13,15 @@ import jax
 
 from lmjax.data import bert_data
 from lmjax.data.pipelines import ClassificationData, LMData, load_classification_data, load_lm_data
-from lmjax.models import BertConfig, CBoWConfig, GPTConfig, build_model
+from lmjax.models import BertConfig, BiLSTMConfig, CBoWConfig, GPTConfig, RNNConfig, build_model
 from lmjax.parallel import RULES, make_mesh
 from lmjax.registry import Registry
 from lmjax.train import bert_tasks, tasks, trainer
 
 gin.external_configurable(GPTConfig, "GPTConfig")
 gin.external_configurable(CBoWConfig, "CBoWConfig")
+gin.external_configurable(RNNConfig, "RNNConfig")
+gin.external_configurable(BiLSTMConfig, "BiLSTMConfig")
 gin.external_configurable(BertConfig, "BertConfig")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -88,6 +90,15 @@ def _lm_task(model, workdir: str):
     data = dataset(workdir=workdir)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
     return model, data, tasks.LMTask(build_model(model), data, model.block_size)
+
+
+@TASKS.register("lm_stream")
+def _stream_task(model, workdir: str):
+    """Truncated BPTT over contiguous streams; `model` must define `zero_carry(batch)`."""
+    data = dataset(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
+    return model, data, tasks.StreamLMTask(build_model(model), data, model.block_size,
+                                           model.zero_carry)
 
 
 @TASKS.register("classify")

@@ -91,3 +91,16 @@ def test_cbow_classify_end_to_end_and_eval_command(small_sst2, tmp_path):
     shutil.rmtree(workdir / "checkpoints")
     again = run_cli("eval", f"--workdir={workdir}")
     assert again.returncode == 1 and "no checkpoint" in again.stderr
+
+
+def test_bilstm_classify_end_to_end(small_sst2, tmp_path):
+    workdir = tmp_path / "bilstm"
+    result = run_cli(*classify_args(workdir, small_sst2, "configs/experiments/sst2_bilstm.gin",
+                                    "BiLSTMConfig.embed_dim=16", "BiLSTMConfig.hidden_dim=16",
+                                    "BiLSTMConfig.mlp_dim=16", "classify_dataset.max_length=24"),
+                     devices=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = _evals(workdir)
+    assert [r["step"] for r in evals] == [15, 30]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["f1"] <= 1.0 for r in evals)
+    assert "accuracy" in result.stdout and "f1" in result.stdout

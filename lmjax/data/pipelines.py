@@ -243,3 +243,60 @@ def _text(example: dict, lowercase: bool) -> str:
     text = example["text"].decode("utf-8") if isinstance(example["text"], bytes) else \
         example["text"]
     return text.lower() if lowercase else text
+
+
+# Streams for truncated BPTT: row r of every batch continues row r of the previous one.
+
+
+class StreamChunks:
+    """Random-access source: item k is chunk k of every row of the global batch.
+
+    The token stream is cut into `rows` equal contiguous streams; chunk k of a row is
+    its tokens [k * length, (k + 1) * length] (inputs and targets shifted by one).
+    `resets` is True at the first token of each stream (and of each document, given
+    `doc_starts`), where the model must forget its carry.
+    """
+
+    def __init__(self, tokens: np.ndarray, length: int, rows: int,
+                 doc_starts: np.ndarray | None = None, row_slice: slice = slice(None)):
+        per_row = len(tokens) // rows
+        if per_row <= length:
+            raise ValueError(f"{len(tokens)} tokens over {rows} rows leave {per_row} per row, "
+                             f"too few for chunks of {length}; lower the batch size or length")
+        self.rows = tokens[: rows * per_row].reshape(rows, per_row)[row_slice]
+        starts = np.zeros(len(tokens), np.bool_)
+        if doc_starts is not None:
+            starts[np.asarray(doc_starts)] = True
+        starts = starts[: rows * per_row].reshape(rows, per_row)[row_slice]
+        starts[:, 0] = True
+        self.starts, self.length = starts, length
+        self.chunks = (per_row - 1) // length
+
+    def __len__(self) -> int:
+        return self.chunks
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        lo = index * self.length
+        window = self.rows[:, lo : lo + self.length + 1]
+        return {"inputs": window[:, :-1], "targets": window[:, 1:],
+                "resets": self.starts[:, lo : lo + self.length]}
+
+
+def _process_rows(global_batch: int) -> slice:
+    local = _local_batch(global_batch)
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def stream_iterator(tokens: np.ndarray, length: int, global_batch: int,
+                    doc_starts: np.ndarray | None = None):
+    """Checkpointable iterator over consecutive chunks, epoch after epoch."""
+    source = StreamChunks(tokens, length, global_batch, doc_starts, _process_rows(global_batch))
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(grain.MapDataset.source(source).repeat().to_iter_dataset(options))
+
+
+def stream_batches(tokens: np.ndarray, length: int, global_batch: int, max_batches: int,
+                   doc_starts: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """The first `max_batches` consecutive chunks of a held-out stream (all by default)."""
+    source = StreamChunks(tokens, length, global_batch, doc_starts, _process_rows(global_batch))
+    return [source[k] for k in range(min(max_batches, len(source)))]

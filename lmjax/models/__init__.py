@@ -2,12 +2,15 @@
 
 from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
 from lmjax.models.classifiers import CBoW, CBoWConfig
+from lmjax.models.rnn import RNNLM, BiLSTMClassifier, BiLSTMConfig, RNNConfig
 from lmjax.models.transformer import GPT, GPTConfig
 from lmjax.registry import Registry
 
 MODELS: Registry[type] = Registry("model")
 MODELS.register("GPTConfig")(GPT)
 MODELS.register("CBoWConfig")(CBoW)
+MODELS.register("RNNConfig")(RNNLM)
+MODELS.register("BiLSTMConfig")(BiLSTMClassifier)
 # A BERT config builds its classifier (train.task='classify'); pretraining and
 # fine-tuning from a pretrained run are the tasks bert_pretrain and bert_finetune.
 MODELS.register("BertConfig")(BertClassifier)
@@ -18,5 +21,6 @@ def build_model(config):
     return MODELS.get(type(config).__name__)(config)
 
 
-__all__ = ["BertClassifier", "BertConfig", "BertPretrain", "CBoW", "CBoWConfig", "GPT",
-           "GPTConfig", "MODELS", "build_model"]
+__all__ = ["BertClassifier", "BertConfig", "BertPretrain", "BiLSTMClassifier", "BiLSTMConfig",
+           "CBoW", "CBoWConfig", "GPT", "GPTConfig", "RNNLM", "RNNConfig", "MODELS",
+           "build_model"]

@@ -29,7 +29,7 @@ class TrainState:
 def _batch_partitioned(carry):
     """Tags each carry leaf's leading axis as `batch`, so it is sharded like the data."""
     return jax.tree.map(
-        lambda x: nn.Partitioned(x, names=("batch",) + (None,) * (x.ndim - 1)), carry)
+        lambda x: nn.LogicallyPartitioned(x, names=("batch",) + (None,) * (x.ndim - 1)), carry)
 
 
 def _task_init_fn(model: nn.Module, tx: optax.GradientTransformation, init_args, carry_fn):

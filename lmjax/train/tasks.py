@@ -190,3 +190,53 @@ def add_sums(total: dict | None, sums: dict) -> dict:
     if total is None:
         return sums
     return {k: total[k] + sums[k] for k in total}
+
+
+class StreamLMTask(Task):
+    """Language modelling with truncated BPTT: each batch row is a contiguous stream.
+
+    model(tokens, carry, resets, deterministic) -> (logits, carry). The carry after one
+    batch is the start of the next (kept in the train state, so checkpointed); it is
+    reset where `resets` marks the start of a stream or document. Gradients stop at
+    batch boundaries (the carry enters the step as data). Eval runs the held-out stream
+    the same way, carrying the state across its fixed batches.
+    """
+
+    def __init__(self, model: nn.Module, data: pipelines.LMData, length: int, zero_carry):
+        self.model, self.data, self.length = model, data, length
+        self.zero_carry = zero_carry  # batch -> carry of zeros
+
+    def init_args(self):
+        return (jnp.zeros((1, self.length), jnp.int32), self.zero_carry(1),
+                jnp.zeros((1, self.length), jnp.bool_))
+
+    def init_carry(self, batch_size):
+        return self.zero_carry(batch_size)
+
+    def _apply(self, params, batch, carry, rng, deterministic):
+        return self.model.apply({"params": params}, batch["inputs"], carry, batch["resets"],
+                                deterministic=deterministic, rngs=_rngs(rng))
+
+    def loss(self, params, batch, carry, rng, deterministic):
+        logits, carry = self._apply(params, batch, carry, rng, deterministic)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+        return loss, ({}, jax.lax.stop_gradient(carry))
+
+    def eval_sums(self, params, batch, carry):
+        logits, carry = self._apply(params, batch, carry, None, True)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return {"loss": losses.sum(), "tokens": jnp.asarray(losses.size, jnp.float32)}, carry
+
+    def finish_eval(self, sums):
+        return {"loss": sums["loss"] / sums["tokens"]}
+
+    def train_iterator(self, batch_size, seed):
+        del seed  # streams are read in order; that is what makes the carry meaningful
+        return pipelines.stream_iterator(self.data.train, self.length, batch_size)
+
+    def eval_batches(self, batch_size, num_batches, seed):
+        del seed
+        return pipelines.stream_batches(self.data.eval, self.length, batch_size, num_batches)
+
+    def items_per_step(self, batch_size):
+        return batch_size * self.length
