@@ -130,7 +130,7 @@ def table(args) -> None:
     del args
     results = json.loads(RESULTS.read_text())
     for key, r in sorted(results.items()):
-        if key.startswith("pretrain"):
+        if key.startswith("pretrain "):
             print(f"pretraining ({key}): step {r['step']}, MLM loss {r['mlm_loss']:.3f}, MLM "
                   f"accuracy {r['mlm_accuracy']:.3f}, NSP accuracy {r['nsp_accuracy']:.3f}, "
                   f"{r['wall_s']:.0f} s")
