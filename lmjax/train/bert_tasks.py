@@ -155,6 +155,7 @@ def load_pretrained_encoder(workdir: str, target, mesh):
     `target` (the fresh model's encoder), so any mesh can fine-tune any pretraining run.
     """
     del mesh  # the shardings come with `target`
+    workdir = os.path.abspath(workdir)  # orbax restores from absolute paths only
     step = None
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

@@ -275,7 +275,7 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
 
 def _format_extra(metrics: dict) -> str:
     """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification)."""
-    shown = [k for k in ("accuracy", "f1") if k in metrics]
+    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy") if k in metrics]
     return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
 
 
