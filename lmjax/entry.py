@@ -11,17 +11,19 @@ import os
 import gin
 import jax
 
+from lmjax.data import bert_data
 from lmjax.data.pipelines import ClassificationData, LMData, load_classification_data, load_lm_data
-from lmjax.models import BiLSTMConfig, CBoWConfig, GPTConfig, RNNConfig, build_model
+from lmjax.models import BertConfig, BiLSTMConfig, CBoWConfig, GPTConfig, RNNConfig, build_model
 from lmjax.parallel import RULES, make_mesh
 from lmjax.ps.config import PSConfig
 from lmjax.registry import Registry
-from lmjax.train import tasks, trainer
+from lmjax.train import bert_tasks, tasks, trainer
 
 gin.external_configurable(GPTConfig, "GPTConfig")
 gin.external_configurable(CBoWConfig, "CBoWConfig")
 gin.external_configurable(RNNConfig, "RNNConfig")
 gin.external_configurable(BiLSTMConfig, "BiLSTMConfig")
+gin.external_configurable(BertConfig, "BertConfig")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -106,6 +108,72 @@ def _classify_task(model, workdir: str):
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
                                 num_classes=data.num_classes)
     return model, data, tasks.ClassifyTask(build_model(model), data)
+
+
+@gin.configurable
+def pretrain_data(
+    sources: tuple[str, ...] = ("wikitext2", "tiny_shakespeare", "sst2"),
+    vocab_size: int = 8000,
+    max_seq_len: int = 128,
+    short_seq_prob: float = 0.1,
+    dupe_factor: int = 5,
+    seed: int = 12345,
+    limit: int | None = None,
+    tfds_dir: str | None = None,
+    workdir: str | None = None,
+) -> bert_data.PretrainData:
+    """BERT pretraining examples (NSP pairs, MLM masks) of offline tfds corpora."""
+    pairs = bert_data.PairConfig(max_seq_len, short_seq_prob, dupe_factor)
+    return bert_data.load_pretrain_data(
+        sources=tuple(sources), vocab_size=vocab_size, pairs=pairs, seed=seed, limit=limit,
+        tfds_dir=tfds_dir, tokenizer_dir=_tokenizer_dir(workdir))
+
+
+@gin.configurable
+def finetune(
+    init_workdir: str | None = None,
+    init_params: bool = True,
+    max_length: int = 64,
+    limit: int | None = None,
+    tfds_dir: str | None = None,
+    workdir: str | None = None,
+):
+    """SST-2 for a BERT with the vocabulary of the pretraining run in `init_workdir`.
+
+    With `init_params` the encoder starts from that run's best checkpoint; without, from
+    a random initialisation (the same model trained from scratch, for comparison).
+    Returns (classification data, workdir to load the encoder from or None).
+    """
+    tokenizer = bert_tasks.finetune_tokenizer(_tokenizer_dir(workdir), init_workdir and
+                                              _tokenizer_dir(init_workdir))
+    data = bert_tasks.finetune_data(tokenizer, max_length, tfds_dir, limit)
+    return data, init_workdir if init_params else None
+
+
+def _require_bert(model, task: str) -> None:
+    if not isinstance(model, BertConfig):
+        raise ValueError(f"train.task={task!r} needs train.model = @BertConfig(), got "
+                         f"{type(model).__name__}")
+
+
+@TASKS.register("bert_pretrain")
+def _bert_pretrain_task(model, workdir: str):
+    _require_bert(model, "bert_pretrain")
+    data = pretrain_data(workdir=workdir)
+    length = data.train.tokens.shape[1]
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                max_len=max(model.max_len, length))
+    return model, data, bert_tasks.BertPretrainTask(model, data, length)
+
+
+@TASKS.register("bert_finetune")
+def _bert_finetune_task(model, workdir: str):
+    _require_bert(model, "bert_finetune")
+    data, init_workdir = finetune(workdir=workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                num_classes=data.num_classes,
+                                max_len=max(model.max_len, data.max_length))
+    return model, data, bert_tasks.BertFinetuneTask(model, data, init_workdir)
 
 
 def _tokenizer_dir(workdir: str | None) -> str | None:

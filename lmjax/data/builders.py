@@ -189,3 +189,65 @@ def read_text(name: str, split: str, tfds_dir: str | None = None) -> str:
     source = tfds.data_source(name, split=split, data_dir=tfds_dir or default_tfds_dir(),
                               download=False, builder_kwargs={"file_format": "array_record"})
     return "".join(source[i]["text"].decode("utf-8") for i in range(len(source)))
+
+
+WIKITEXT2_SHA256 = {
+    "valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "test.txt": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+}
+
+
+@BUILDERS.register("wikitext2")
+class Wikitext2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """WikiText-2 (raw) validation and test articles, one example per article.
+
+    Only these two splits are available offline (the training split is not); lmjax uses
+    them as BERT pretraining text. Articles start at top-level ` = Title = ` lines.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Place WikiText-2 raw's valid.txt and test.txt in ${DATA_DIR_ENV}/wikitext2/."
+    )
+    MANUAL_FILE = "valid.txt"
+    SHA256 = WIKITEXT2_SHA256["valid.txt"]
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {"title": tfds.features.Text(), "text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        manual = getattr(self, "_lmjax_manual_file", None)
+        folder = Path(manual).parent if manual else Path(dl_manager.manual_dir)
+        test = folder / "test.txt"
+        if not test.exists():
+            raise MissingDataError(f"{test} does not exist; {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        digest = hashlib.sha256(test.read_bytes()).hexdigest()
+        if digest != WIKITEXT2_SHA256["test.txt"]:
+            raise MissingDataError(f"{test} has sha256 {digest}, expected "
+                                   f"{WIKITEXT2_SHA256['test.txt']}; replace it with the original")
+        return {"validation": self._generate_examples(folder / "valid.txt"),
+                "test": self._generate_examples(test)}
+
+    def _generate_examples(self, path: Path):
+        for index, (title, text) in enumerate(wikitext_articles(path.read_text("utf-8"))):
+            yield index, {"title": title, "text": text}
+
+
+def _is_title(line: str) -> bool:
+    """` = Title = ` (top level); section headings are ` = = Section = = `."""
+    stripped = line.strip()
+    return (stripped.startswith("= ") and stripped.endswith(" =")
+            and not stripped.startswith("= ="))
+
+
+def wikitext_articles(text: str) -> list[tuple[str, str]]:
+    """(title, body) per article; the body keeps section headings and paragraph lines."""
+    articles: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if _is_title(line):
+            articles.append((line.strip().strip("=").strip(), []))
+        elif articles and line.strip():
+            articles[-1][1].append(line.strip())
+    return [(title, "\n".join(lines)) for title, lines in articles]

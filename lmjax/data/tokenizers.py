@@ -262,6 +262,37 @@ class SentencePieceTokenizer(Tokenizer):
             raise _training_error(e, vocab_size) from e
         return cls(writer.getvalue())
 
+    @classmethod
+    def train_with_specials(
+        cls,
+        texts: Iterable[str],
+        *,
+        vocab_size: int,
+        specials: Sequence[str] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+        **options: Any,
+    ) -> SentencePieceTokenizer:
+        """A vocabulary whose first ids are `specials`, in order (BERT's [PAD] [UNK] ...).
+
+        specials[0] is the padding piece and specials[1] the unknown piece; the rest are
+        control symbols: they get ids but encode never produces them, so text that
+        happens to contain "[SEP]" cannot forge a separator.
+        """
+        if len(specials) < 2 or len(set(specials)) != len(specials):
+            raise ValueError(f"specials must be distinct and start with pad and unk: {specials}")
+        return cls.train(
+            texts, vocab_size=vocab_size, pad_id=0, pad_piece=specials[0], unk_id=1,
+            unk_piece=specials[1], bos_id=-1, eos_id=-1, control_symbols=tuple(specials[2:]),
+            **options,
+        )
+
+    @property
+    def special_ids(self) -> np.ndarray:
+        """Sorted ids of pieces that are not text: control (incl. padding), unknown, unused."""
+        sp = self._sp
+        ids = [i for i in range(self.vocab_size)
+               if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)]
+        return np.asarray(ids, dtype=np.int32)
+
     @property
     def model_proto(self) -> bytes:
         """The serialized model, exactly as written to spm.model."""

@@ -6,6 +6,8 @@ writes into a temporary directory and renames it when complete, so a killed run 
 leaves a half-written checkpoint behind; leftovers are removed at the next start.
 """
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -42,7 +44,9 @@ class Checkpointer:
             "data": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+        # orbax refuses relative paths when restoring ("Checkpoint path should be absolute").
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

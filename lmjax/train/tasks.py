@@ -69,6 +69,11 @@ class Task(abc.ABC):
     def items_per_step(self, batch_size: int) -> int:
         """Tokens (or examples) one step of `batch_size` rows trains on."""
 
+    def warm_start(self, params, mesh, rules):
+        """Params of a fresh run before its first step (fine-tuning loads pretrained ones)."""
+        del mesh, rules
+        return params
+
 
 def _rngs(rng) -> dict | None:
     return None if rng is None else {"dropout": rng}

@@ -163,6 +163,8 @@ def _restore_or_init(setup: Setup, config: TrainConfig, mesh, rules, data_iter):
     if latest is None:
         state = create_task_state(setup.task, setup.tx, config.batch_size, config.seed, mesh,
                                   rules)
+        # Optimiser moments start at zero whatever the params, so replacing them is exact.
+        state = state.replace(params=setup.task.warm_start(state.params, mesh, rules))
         return state, {"best_eval_loss": None, "best_step": None}, None
     state, meta = setup.checkpoints.restore(latest, setup.abstract, data_iter)
     return state, meta, latest
@@ -273,7 +275,7 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
 
 def _format_extra(metrics: dict) -> str:
     """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification)."""
-    shown = [k for k in ("accuracy", "f1") if k in metrics]
+    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy") if k in metrics]
     return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
 
 

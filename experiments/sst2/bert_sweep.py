@@ -1,0 +1,186 @@
+"""BERT on SST-2: pretrain on the offline corpus, sweep fine-tuning, compare with scratch.
+
+    python experiments/sst2/bert_sweep.py pretrain [--workdir=runs/bert_pretrain_offline]
+    python experiments/sst2/bert_sweep.py sweep --lrs=1e-4,3e-4 --batch_sizes=16,32 --epochs=1
+    python experiments/sst2/bert_sweep.py compare --lr=1e-4 --batch_size=32 --seeds=1,2,3
+    python experiments/sst2/bert_sweep.py table   # all recorded runs as markdown
+
+`sweep` fine-tunes the pretrained encoder once per (learning rate, batch size), as the
+BERT paper's fine-tuning recipe does (Devlin et al. 2019, A.3: lr in {5e-5, 3e-5, 2e-5},
+batch in {16, 32}; Turc et al. 2019 use larger rates, up to 3e-4, for the small models),
+for `--epochs` passes over the 67,349 training sentences, and reports the best dev
+accuracy and F1 of each run. `compare` trains the chosen setting from the pretrained
+encoder and from a random initialisation (configs/experiments/sst2_transformer_scratch.gin,
+same size, vocabulary and recipe) over several seeds and prints mean and spread.
+Results go to experiments/sst2/bert_results.json (appended, keyed by run) and the table
+rows are printed for experiments/sst2/bert.md.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = HERE / "bert_results.json"
+TRAIN_SENTENCES = 67_349
+FINETUNE = "configs/experiments/sst2_bert_finetune.gin"
+SCRATCH = "configs/experiments/sst2_transformer_scratch.gin"
+PRETRAIN = "configs/experiments/bert_pretrain_offline.gin"
+
+
+def _lmjax(*args: str) -> str:
+    cmd = [sys.executable, "-m", "lmjax.main", *args]
+    print("$ python -m lmjax.main", " ".join(args), flush=True)
+    return subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
+
+
+def _evals(workdir: Path) -> list[dict]:
+    with open(workdir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["split"] == "eval"]
+
+
+def _save(key: str, record: dict) -> None:
+    """Adds one run's record; a lock lets a sweep and a comparison run side by side."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results[key] = record
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, RESULTS)
+
+
+def _train(workdir: Path, config: str, params: list[str]) -> dict:
+    if (workdir / "metrics.jsonl").exists():
+        sys.exit(f"{workdir} exists; remove it or pass another --runs (runs are timed fresh)")
+    flags = [f"--gin_file={config}"] + [f"--gin_param={p}" for p in params]
+    start = time.perf_counter()
+    _lmjax("train", f"--workdir={workdir}", *flags)
+    wall = time.perf_counter() - start
+    best = min(_evals(workdir), key=lambda r: r["loss"])
+    return {"wall_s": round(wall, 1), "best_step": best["step"], **best}
+
+
+def _finetune_params(pretrained: Path, lr: float, batch: int, epochs: float, seed: int):
+    steps = max(1, round(epochs * TRAIN_SENTENCES / batch))
+    every = max(1, steps // 4)
+    return [f"finetune.init_workdir='{pretrained}'", f"train.learning_rate={lr}",
+            f"train.batch_size={batch}", f"train.num_steps={steps}",
+            f"train.warmup_steps={steps // 10}", f"train.eval_every={every}",
+            f"train.checkpoint_every={every}", "train.eval_batch_size=32",
+            f"train.seed={seed}"]
+
+
+def pretrain(args) -> None:
+    workdir = Path(args.workdir)
+    record = _train(workdir, PRETRAIN, args.gin_param)
+    _save(f"pretrain {workdir.name}", record)
+    print(f"| pretrain | {record['step']} | {record['mlm_loss']:.3f} | "
+          f"{record['mlm_accuracy']:.3f} | {record['nsp_accuracy']:.3f} | {record['wall_s']:.0f} |")
+
+
+def sweep(args) -> None:
+    rows = []
+    for lr in map(float, args.lrs.split(",")):
+        for batch in map(int, args.batch_sizes.split(",")):
+            name = f"sweep_lr{lr:g}_bs{batch}_ep{args.epochs:g}"
+            params = _finetune_params(Path(args.pretrained), lr, batch, args.epochs, args.seed)
+            record = _train(Path(args.runs) / name, FINETUNE, params + args.gin_param)
+            _save(name, {"lr": lr, "batch_size": batch, "epochs": args.epochs, **record})
+            rows.append((lr, batch, record))
+    print("\n| lr | batch | epochs | best dev accuracy | dev F1 | at step | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for lr, batch, r in rows:
+        print(f"| {lr:g} | {batch} | {args.epochs:g} | {r['accuracy']:.4f} | {r['f1']:.4f} | "
+              f"{r['best_step']} | {r['wall_s']:.0f} |")
+
+
+def compare(args) -> None:
+    table = {}
+    configs = {"pretrained": FINETUNE, "scratch": SCRATCH}
+    for label in args.inits.split(","):
+        config, accuracies = configs[label], []
+        for seed in map(int, args.seeds.split(",")):
+            name = f"{label}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs:g}_seed{seed}"
+            params = _finetune_params(Path(args.pretrained), args.lr, args.batch_size,
+                                      args.epochs, seed)
+            record = _train(Path(args.runs) / name, config, params + args.gin_param)
+            _save(name, {"init": label, "seed": seed, **record})
+            accuracies.append(record["accuracy"])
+        table[label] = accuracies
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores")
+    print("| encoder | seeds | dev accuracy mean | std | min | max |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, acc in table.items():
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(f"| {label} | {len(acc)} | {statistics.mean(acc):.4f} | {spread:.4f} | "
+              f"{min(acc):.4f} | {max(acc):.4f} |")
+
+
+def table(args) -> None:
+    """Markdown tables of every run recorded in bert_results.json."""
+    del args
+    results = json.loads(RESULTS.read_text())
+    for key, r in sorted(results.items()):
+        if key.startswith("pretrain "):
+            print(f"pretraining ({key}): step {r['step']}, MLM loss {r['mlm_loss']:.3f}, MLM "
+                  f"accuracy {r['mlm_accuracy']:.3f}, NSP accuracy {r['nsp_accuracy']:.3f}, "
+                  f"{r['wall_s']:.0f} s")
+    print("\n| lr | batch | epochs | dev accuracy | dev F1 | best step | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, r in sorted(results.items()):
+        if key.startswith("sweep"):
+            print(f"| {r['lr']:g} | {r['batch_size']} | {r['epochs']:g} | {r['accuracy']:.4f} | "
+                  f"{r['f1']:.4f} | {r['best_step']} | {r['wall_s']:.0f} |")
+    groups: dict[str, list[dict]] = {}
+    for key, r in results.items():
+        if "init" in r:
+            groups.setdefault(key.rsplit("_seed", 1)[0], []).append(r)
+    print("\n| run | seeds | dev accuracy mean | std | min | max | dev F1 mean | wall (s) each |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in sorted(groups.items()):
+        acc = [r["accuracy"] for r in runs]
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(f"| {name} | {','.join(str(r['seed']) for r in runs)} | "
+              f"{statistics.mean(acc):.4f} | {spread:.4f} | {min(acc):.4f} | {max(acc):.4f} | "
+              f"{statistics.mean(r['f1'] for r in runs):.4f} | "
+              f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain")
+    p.add_argument("--workdir", default=str(REPO / "runs" / "bert_pretrain_offline"))
+    for name in ("sweep", "compare"):
+        s = sub.add_parser(name)
+        s.add_argument("--pretrained", default=str(REPO / "runs" / "bert_pretrain_offline"))
+        s.add_argument("--runs", default=str(REPO / "runs" / "sst2_bert"))
+        s.add_argument("--epochs", type=float, default=1.0)
+    sweep_p, compare_p = sub.choices["sweep"], sub.choices["compare"]
+    sweep_p.add_argument("--lrs", default="1e-4,3e-4")
+    sweep_p.add_argument("--batch_sizes", default="16,32")
+    sweep_p.add_argument("--seed", type=int, default=1)
+    compare_p.add_argument("--lr", type=float, default=1e-4)
+    compare_p.add_argument("--batch_size", type=int, default=32)
+    compare_p.add_argument("--seeds", default="1,2,3")
+    compare_p.add_argument("--inits", default="pretrained,scratch",
+                           help="which encoders: pretrained, scratch or both")
+    for s in sub.choices.values():
+        s.add_argument("--gin_param", action="append", default=[])  # added to every run
+    sub.add_parser("table")
+    args = parser.parse_args()
+    commands = {"pretrain": pretrain, "sweep": sweep, "compare": compare, "table": table}
+    commands[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

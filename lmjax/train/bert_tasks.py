@@ -1,0 +1,233 @@
+"""BERT tasks for the trainer: MLM + NSP pretraining, and fine-tuning from a pretraining run.
+
+Fine-tuning reads the best checkpoint of the pretraining workdir, checks that it is a
+BERT of the configured architecture and vocabulary (a clear error names what differs),
+copies its encoder (`bert/...`: embeddings, blocks, pooler) and trains a new
+classification head on top.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from lmjax.data import bert_data, builders, pipelines
+from lmjax.data.tokenizers import load_tokenizer
+from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
+from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from lmjax.train.tasks import ClassifyTask, Task
+
+
+def _weighted_ce(logits, labels, weights):
+    """(summed cross entropy, summed correct, summed weight) of weighted predictions."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def pretrain_sums(logits, nsp_logits, batch) -> dict:
+    mlm = _weighted_ce(logits, batch["masked_labels"], batch["masked_weights"])
+    nsp = _weighted_ce(nsp_logits, batch["nsp_labels"], batch["nsp_weights"])
+    return dict(zip(("mlm_loss", "mlm_correct", "mlm_count", "nsp_loss", "nsp_correct",
+                     "nsp_count"), mlm + nsp, strict=True))
+
+
+def pretrain_metrics(sums: dict) -> dict:
+    """loss = MLM loss + NSP loss (both means over their scored items), and accuracies."""
+    mlm_count, nsp_count = max(float(sums["mlm_count"]), 1.0), max(float(sums["nsp_count"]), 1.0)
+    mlm_loss, nsp_loss = float(sums["mlm_loss"]) / mlm_count, float(sums["nsp_loss"]) / nsp_count
+    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+            "mlm_accuracy": float(sums["mlm_correct"]) / mlm_count,
+            "nsp_accuracy": float(sums["nsp_correct"]) / nsp_count}
+
+
+class BertPretrainTask(Task):
+    """Masked language modelling + next sentence prediction (Devlin et al. 2019)."""
+
+    def __init__(self, config: BertConfig, data: bert_data.PretrainData, length: int):
+        self.model, self.data, self.length = BertPretrain(config), data, length
+
+    def init_args(self):
+        predictions = self.data.mask.max_predictions
+        return (jnp.zeros((1, self.length), jnp.int32), jnp.zeros((1, self.length), jnp.int32),
+                jnp.zeros((1, predictions), jnp.int32))
+
+    def _logits(self, params, batch, rng, deterministic):
+        rngs = None if rng is None else {"dropout": rng}
+        return self.model.apply({"params": params}, batch["tokens"], batch["segments"],
+                                batch["masked_positions"], deterministic=deterministic,
+                                rngs=rngs)
+
+    def loss(self, params, batch, carry, rng, deterministic):
+        sums = pretrain_sums(*self._logits(params, batch, rng, deterministic), batch)
+        mlm_loss = sums["mlm_loss"] / jnp.maximum(sums["mlm_count"], 1.0)
+        nsp_loss = sums["nsp_loss"] / jnp.maximum(sums["nsp_count"], 1.0)
+        metrics = {
+            "mlm_loss": mlm_loss,
+            "mlm_accuracy": sums["mlm_correct"] / jnp.maximum(sums["mlm_count"], 1.0),
+            "nsp_accuracy": sums["nsp_correct"] / jnp.maximum(sums["nsp_count"], 1.0),
+        }
+        return mlm_loss + nsp_loss, (metrics, carry)
+
+    def eval_sums(self, params, batch, carry):
+        return pretrain_sums(*self._logits(params, batch, None, True), batch), carry
+
+    def finish_eval(self, sums):
+        return pretrain_metrics(sums)
+
+    def train_iterator(self, batch_size, seed):
+        return bert_data.pretrain_iterator(self.data.train, batch_size, seed, self.data.mask)
+
+    def eval_batches(self, batch_size, num_batches, seed):
+        return bert_data.pretrain_eval_batches(self.data.eval, batch_size, num_batches, seed,
+                                               self.data.mask)
+
+    def items_per_step(self, batch_size):
+        return batch_size * self.length
+
+
+class BertFinetuneTask(ClassifyTask):
+    """SST-2-style classification with a BERT whose encoder may come from pretraining."""
+
+    def __init__(self, config: BertConfig, data, init_workdir: str | None):
+        super().__init__(BertClassifier(config), data)
+        self.config, self.init_workdir = config, init_workdir
+
+    def warm_start(self, params, mesh, rules):
+        """Params with the pretrained encoder in place of the fresh one (head stays fresh)."""
+        if self.init_workdir is None:
+            return params
+        encoder = load_pretrained_encoder(self.init_workdir, params["bert"], mesh)
+        print(f"fine-tuning from the pretrained encoder in {self.init_workdir}")
+        return {**params, "bert": encoder}
+
+
+# --- reading a pretraining checkpoint ----------------------------------------------------
+
+
+def _flat(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+
+
+def describe(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Architecture figures read off a BERT encoder's parameter shapes."""
+    blocks = {name.split("/")[0] for name in shapes if name.startswith("block")}
+    return {
+        "vocabulary rows (padded)": shapes["word/embedding"][0],
+        "embed_dim": shapes["word/embedding"][1],
+        "max_len": shapes["position/embedding"][0],
+        "num_layers": len(blocks),
+        "num_heads": shapes["block0/attn/qkv/kernel"][2],
+        "mlp width": shapes["block0/up/kernel"][1],
+    }
+
+
+def check_encoder(saved: dict, wanted: dict, where: str) -> None:
+    """Raises IncompatibleCheckpointError naming what differs between two encoders."""
+    if "word/embedding" not in saved or "block0/attn/qkv/kernel" not in saved:
+        raise IncompatibleCheckpointError(
+            f"the checkpoint in {where} is not a BERT pretraining checkpoint (its parameters "
+            f"are {', '.join(sorted(saved)[:4])}, ...; a BERT one has bert/word/embedding, "
+            "bert/block0/...). Point finetune.init_workdir at a bert_pretrain run.")
+    have, want = describe(saved), describe(wanted)
+    diffs = [f"{k} {have[k]} in the checkpoint but {want[k]} in the config"
+             for k in have if have[k] != want[k]]
+    if not diffs:  # same figures but another shape somewhere (e.g. type_vocab_size)
+        diffs = [f"parameter {n} has shape {saved.get(n)} in the checkpoint but "
+                 f"{wanted.get(n)} in the config"
+                 for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"the BERT checkpoint in {where} does not match the fine-tuning model: "
+            + "; ".join(diffs) + ". Use the same BertConfig (and tokenizer) as the "
+            "pretraining run (see its config.gin).")
+
+
+def load_pretrained_encoder(workdir: str, target, mesh):
+    """The `bert/...` params of the best (else latest) checkpoint, placed like `target`.
+
+    Reads only the encoder (an orbax partial restore), straight onto the shardings of
+    `target` (the fresh model's encoder), so any mesh can fine-tune any pretraining run.
+    """
+    del mesh  # the shardings come with `target`
+    workdir = os.path.abspath(workdir)  # orbax restores from absolute paths only
+    step = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+        try:
+            step = checkpoints.best_step() or checkpoints.latest_step()
+        finally:
+            checkpoints.close()
+    if step is None:
+        raise FileNotFoundError(
+            f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining first "
+            "(configs/experiments/bert_pretrain_offline.gin)")
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    reader = ocp.PyTreeCheckpointer()
+    saved = reader.metadata(path).item_metadata["params"]
+    check_encoder(_flat(saved.get("bert", saved)), _flat(target), workdir)
+    item = {"params": {"bert": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)}}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        item)
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    return restored["params"]["bert"]
+
+
+def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:
+    """A fine-tuning workdir's saved tokenizer must be the pretraining run's."""
+    mine = os.path.join(tokenizer_dir, "spm.model")
+    theirs = os.path.join(pretrained_dir, "spm.model")
+    if os.path.exists(mine) and os.path.exists(theirs):
+        with open(mine, "rb") as a, open(theirs, "rb") as b:
+            if a.read() != b.read():
+                raise IncompatibleCheckpointError(
+                    f"vocabulary differs: the tokenizer in {tokenizer_dir} is not the one of "
+                    f"the pretraining run ({pretrained_dir}). Fine-tune in a new --workdir or "
+                    "point finetune.init_workdir at the run this workdir started from.")
+
+
+def finetune_tokenizer(tokenizer_dir: str | None, pretrained_dir: str | None):
+    """The pretraining run's vocabulary, copied into (or checked against) this run's."""
+    mine = tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
+    theirs = pretrained_dir and os.path.exists(os.path.join(pretrained_dir, "tokenizer.json"))
+    if mine and theirs:
+        check_same_vocabulary(tokenizer_dir, pretrained_dir)
+    if not (mine or theirs):
+        raise FileNotFoundError(
+            f"no BERT vocabulary: {pretrained_dir or 'finetune.init_workdir (unset)'} has no "
+            "tokenizer. Set finetune.init_workdir to a bert_pretrain workdir (its vocabulary "
+            "is used even with finetune.init_params=False).")
+    tok = load_tokenizer(tokenizer_dir if mine else pretrained_dir)
+    bert_data.check_specials(tok)
+    if tokenizer_dir and not mine:
+        tok.save(tokenizer_dir)
+    return tok
+
+
+def finetune_data(tokenizer, max_length: int, tfds_dir: str | None = None,
+                  limit: int | None = None):
+    """SST-2 train/dev as [CLS] sentence [SEP], padded (the classification task's format).
+
+    `limit` keeps the first training sentences only (tests); dev is always whole.
+    """
+    builders.prepare("sst2", tfds_dir)
+    splits = {}
+    for split in ("train", "validation"):
+        rows = builders.read_examples("sst2", split, tfds_dir)
+        if split == "train":
+            rows = rows[:limit]
+        ids = [np.concatenate([[bert_data.CLS],
+                               tokenizer.encode(r["text"].decode("utf-8"))[: max_length - 2],
+                               [bert_data.SEP]]).astype(np.int32) for r in rows]
+        splits[split] = pipelines.pad_examples(ids, [int(r["label"]) for r in rows], max_length,
+                                               bert_data.PAD)
+    return pipelines.ClassificationData(tokenizer, splits["train"], splits["validation"],
+                                        max_length)

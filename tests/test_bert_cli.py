@@ -1,0 +1,121 @@
+"""BERT end to end through the CLI: pretrain, fine-tune from it, eval; mismatched runs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import run_cli, train_losses
+from flax import linen as nn
+
+from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
+from lmjax.models import GPTConfig
+from lmjax.models.bert import BertClassifier, BertConfig
+from lmjax.parallel import make_mesh
+from lmjax.train import bert_tasks, trainer
+from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+
+PRETRAIN = "--gin_file=configs/experiments/bert_tiny_e2e.gin"
+FINETUNE = "--gin_file=configs/experiments/sst2_bert_tiny_e2e.gin"
+
+
+def _records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bert_pretrain")
+    result = run_cli("train", f"--workdir={workdir}", PRETRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def _finetune(workdir, pretrained, *params):
+    return run_cli("train", f"--workdir={workdir}", FINETUNE,
+                   f"--gin_param=finetune.init_workdir='{pretrained}'",
+                   *[f"--gin_param={p}" for p in params])
+
+
+def test_pretrain_finetune_and_eval(pretrained, tmp_path):
+    evals = _records(pretrained, "eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert {"mlm_loss", "mlm_accuracy", "nsp_accuracy"} <= r.keys()
+        assert 0 <= r["mlm_accuracy"] <= 1 and 0 <= r["nsp_accuracy"] <= 1
+        assert abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 1e-5
+    assert {"mlm_loss", "mlm_accuracy", "nsp_accuracy"} <= _records(pretrained, "train")[0].keys()
+    tokenizer = load_tokenizer(pretrained / "tokenizer")
+    assert [tokenizer.id_to_piece(i) for i in range(5)] == [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+    workdir = tmp_path / "finetune"
+    result = _finetune(workdir, pretrained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuning from the pretrained encoder" in result.stdout
+    evals = _records(workdir, "eval")
+    assert evals and all({"accuracy", "f1"} <= r.keys() for r in evals)
+    evaluated = run_cli("eval", f"--workdir={workdir}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    best = min(evals, key=lambda r: r["loss"])
+    assert f"accuracy {best['accuracy']:.4f}, f1 {best['f1']:.4f}" in evaluated.stdout
+
+
+def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrained):
+    """The fine-tuning params equal the checkpoint's encoder exactly; the head is new."""
+    config_text = (pretrained / "config.gin").read_text()
+    assert "BertConfig.embed_dim = 32" in config_text
+    tok = load_tokenizer(pretrained / "tokenizer")
+    data = bert_tasks.finetune_data(tok, 32, limit=8)
+    config = BertConfig(vocab_size=tok.vocab_size, max_len=32, num_layers=1, embed_dim=32,
+                        num_heads=2)
+    task = bert_tasks.BertFinetuneTask(config, data, str(pretrained))
+    fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
+    loaded = task.warm_start(fresh, make_mesh(1, 1, 1, devices=jax.devices()[:1]), None)
+    checkpoints = Checkpointer(str(pretrained / "checkpoints"), read_only=True)
+    step = checkpoints.best_step()
+    checkpoints.close()
+    saved = ocp.PyTreeCheckpointer().restore(str(pretrained / "checkpoints" / str(step) /
+                                                 "state"))["params"]["bert"]
+    for a, b in zip(jax.tree.leaves(loaded["bert"]), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(loaded["bert"]["word"]["embedding"]),
+                              np.asarray(fresh["bert"]["word"]["embedding"]))
+    np.testing.assert_array_equal(np.asarray(loaded["classifier"]["kernel"]),
+                                  np.asarray(fresh["classifier"]["kernel"]))
+
+
+def test_checkpoint_of_another_architecture_names_what_differs(pretrained, tmp_path):
+    result = _finetune(tmp_path / "wide", pretrained, "BertConfig.num_layers=2",
+                       "BertConfig.embed_dim=64")
+    assert result.returncode != 0
+    assert "num_layers 1 in the checkpoint but 2 in the config" in result.stderr
+    assert "embed_dim 32 in the checkpoint but 64 in the config" in result.stderr
+    assert not os.path.exists(tmp_path / "wide" / "metrics.jsonl")
+
+
+def test_checkpoint_of_another_vocabulary_is_refused(pretrained, tmp_path):
+    workdir = tmp_path / "other_vocab"
+    other = SentencePieceTokenizer.train_with_specials(
+        ["a small other corpus with its own words"] * 20, vocab_size=40, hard_vocab_limit=False)
+    other.save(workdir / "tokenizer")
+    result = _finetune(workdir, pretrained)
+    assert result.returncode != 0
+    assert "vocabulary differs" in result.stderr and str(pretrained) in result.stderr
+
+
+def test_a_gpt_checkpoint_is_not_a_bert(tmp_path):
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    gpt = GPTConfig(vocab_size=65, num_layers=1, num_heads=2, embed_dim=32, block_size=16)
+    _, state = train_losses(mesh, gpt, trainer.TrainConfig(batch_size=2), 1)
+    saver = Checkpointer(str(tmp_path / "gpt" / "checkpoints"))
+    saver.save(1, state, None, {"best_eval_loss": None})
+    saver.wait()
+    saver.close()
+    model = BertClassifier(BertConfig(vocab_size=65, num_layers=1, embed_dim=32, num_heads=2))
+    params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    with pytest.raises(IncompatibleCheckpointError, match="not a BERT pretraining checkpoint"):
+        bert_tasks.load_pretrained_encoder(str(tmp_path / "gpt"), params["bert"], mesh)
