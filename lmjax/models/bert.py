@@ -26,7 +26,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(layers.DerivedSizes):
     """BERT hyperparameters. `size` picks a preset; explicit layer/width/head counts win."""
 
     size: str = "tiny"
@@ -60,18 +60,6 @@ class BertConfig:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def padded_vocab(self) -> int:
-        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
 
 
 def _layer_norm(c: BertConfig, name: str) -> nn.LayerNorm:

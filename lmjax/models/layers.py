@@ -13,6 +13,23 @@ from flax import linen as nn
 Dtype = jnp.dtype
 
 
+class DerivedSizes:
+    """Sizes derived from a Transformer config's `embed_dim`, `num_heads`, `vocab_size`,
+    `vocab_multiple` and `dtype` fields (shared by GPTConfig and BertConfig)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
 def init(std: float, names: tuple[str | None, ...]):
     """A normal(std) initialiser that tags the parameter with logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)

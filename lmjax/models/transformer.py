@@ -11,7 +11,7 @@ from lmjax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(layers.DerivedSizes):
     """Hyperparameters of the GPT family; defaults are nanoGPT's shakespeare_char GPU config."""
 
     vocab_size: int = 65
@@ -38,18 +38,6 @@ class GPTConfig:
             )
         if self.position not in ("learned", "rope"):
             raise ValueError(f"unknown position {self.position!r}; use 'learned' or 'rope'")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def padded_vocab(self) -> int:
-        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
 
 
 class Block(nn.Module):
