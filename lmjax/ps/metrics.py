@@ -7,6 +7,8 @@ first drops update records newer than the checkpoint (and a line cut short by a 
 import json
 import os
 
+from lmjax.train.metrics import rewrite_jsonl
+
 
 class PSMetricWriter:
     def __init__(self, workdir: str, resume_step: int):
@@ -15,21 +17,7 @@ class PSMetricWriter:
         self._truncate(resume_step)
 
     def _truncate(self, keep_until: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a killed writer
-                    continue
-                if record.get("split") != "train" or record["step"] <= keep_until:
-                    kept.append(json.dumps(record) + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        rewrite_jsonl(self.path, lambda r: r.get("split") != "train" or r["step"] <= keep_until)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Callable
 
 from tensorboardX import SummaryWriter
 
@@ -18,14 +19,7 @@ class MetricWriter:
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate(self, keep_until: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_until]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        rewrite_jsonl(self.path, lambda record: record["step"] <= keep_until)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -36,6 +30,28 @@ class MetricWriter:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def rewrite_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
+    """Atomically rewrites a JSONL file with the records `keep` accepts.
+
+    A line cut short by a killed writer is dropped rather than failing the resume.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if keep(record):
+                kept.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
