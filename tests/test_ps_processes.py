@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -67,12 +68,18 @@ def test_jax_distributed_sync_equals_inproc(tmp_path):
 
 @pytest.mark.slow
 def test_killed_worker_does_not_stop_async(tmp_path):
-    out = run_ps(tmp_path, ASYNC, "ps.num_updates=30", "ps.faults=['worker1@6']")
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=100", "ps.faults=['worker1@6']")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "worker1 died" in out.stdout
+    # The supervisor kills at its first status poll that sees update 6 or later, so
+    # read when the kill happened; gradients worker1 pushed before dying may still be
+    # applied for a while after it (the server can lag behind), hence the allowance.
+    killed_at = int(re.search(r"killed worker1 at update (\d+)", out.stdout).group(1))
+    assert killed_at <= 70, f"the kill came too late to check anything: update {killed_at}"
     train = records(tmp_path)
-    assert [r["step"] for r in train] == list(range(1, 31))
-    assert {w for r in train[-10:] for w in r["workers"]} == {0}
+    assert [r["step"] for r in train] == list(range(1, 101))
+    after = [r for r in train if r["step"] > killed_at + 20]
+    assert {w for r in after for w in r["workers"]} == {0}
     assert not leftover_processes(tmp_path)
 
 
