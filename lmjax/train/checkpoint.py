@@ -64,31 +64,30 @@ class Checkpointer:
     def check_compatible(self, step: int, abstract_state) -> None:
         """Raises IncompatibleCheckpointError naming the first parameter whose shape differs."""
         state = self.manager.item_metadata(step)["state"]
-        saved = _shapes(state["params"])
-        wanted = _shapes(abstract_state.params)
-        for name in sorted(set(saved) | set(wanted)):
-            if saved.get(name) != wanted.get(name):
-                raise IncompatibleCheckpointError(
-                    f"checkpoint step {step} in {self.manager.directory} does not match the "
-                    f"configured model: parameter {name} has shape {saved.get(name)} in the "
-                    f"checkpoint but {wanted.get(name)} in the config. Use a new --workdir or "
-                    "the config that wrote this checkpoint (its config.gin)."
-                )
+        mismatch = _first_mismatch(_shapes(state["params"]), _shapes(abstract_state.params))
+        if mismatch:
+            name, saved, wanted = mismatch
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {self.manager.directory} does not match the "
+                f"configured model: parameter {name} has shape {saved} in the "
+                f"checkpoint but {wanted} in the config. Use a new --workdir or "
+                "the config that wrote this checkpoint (its config.gin)."
+            )
         self._check_carry(step, state, getattr(abstract_state, "carry", None))
 
     def _check_carry(self, step: int, state, wanted_carry) -> None:
         """The carried state (an RNN's, one row per batch row) must match too."""
         saved_carry = state["carry"] if "carry" in state.keys() else None
-        saved, wanted = _shapes(saved_carry or {}), _shapes(wanted_carry or {})
-        for name in sorted(set(saved) | set(wanted)):
-            if saved.get(name) != wanted.get(name):
-                raise IncompatibleCheckpointError(
-                    f"checkpoint step {step} in {self.manager.directory} does not match the "
-                    f"configured run: carried state {name or 'carry'} has shape "
-                    f"{saved.get(name)} in the checkpoint but {wanted.get(name)} in the config "
-                    "(train.batch_size sets its rows). Resume with the config that wrote it "
-                    "(its config.gin) or use a new --workdir."
-                )
+        mismatch = _first_mismatch(_shapes(saved_carry or {}), _shapes(wanted_carry or {}))
+        if mismatch:
+            name, saved, wanted = mismatch
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {self.manager.directory} does not match the "
+                f"configured run: carried state {name or 'carry'} has shape "
+                f"{saved} in the checkpoint but {wanted} in the config "
+                "(train.batch_size sets its rows). Resume with the config that wrote it "
+                "(its config.gin) or use a new --workdir."
+            )
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restores onto the shardings carried by `abstract_state` (any mesh)."""
@@ -114,6 +113,14 @@ def as_abstract(tree, shardings):
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
 
+
+
+def _first_mismatch(saved: dict, wanted: dict) -> tuple | None:
+    """(name, saved shape, wanted shape) of the first name whose shapes differ, or None."""
+    for name in sorted(set(saved) | set(wanted)):
+        if saved.get(name) != wanted.get(name):
+            return name, saved.get(name), wanted.get(name)
+    return None
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
