@@ -6,8 +6,14 @@ Speed on small CPUs comes from the layout, not from the cells' arithmetic:
   (`(batch, time, in) @ (in, gates, hidden)`), so the loop only does the recurrent
   product `h @ W_h`;
 * the gates are fused: one `(hidden, gates, hidden)` kernel gives every gate at once;
-* the loop is `jax.lax.scan` with a configurable `unroll`, which removes most of XLA's
-  per-iteration overhead (the loop body is tiny at char-rnn's size).
+* the loop is `jax.lax.scan` (`unroll` is configurable; on the 2-core CPU 1 was fastest);
+* the LSTM has its own forward and backward passes (`lstm_scan`): XLA's CPU backend runs
+  a loop body as a sequence of small kernels, and its time goes more to the number and
+  shape of those kernels than to arithmetic. The forward pass applies sigmoid and tanh to
+  the whole `(batch, 4 hidden)` gate array (a sigmoid on one gate's slice compiles to a
+  slow loop), resets the carry by multiplying with a precomputed keep mask, skips the
+  padding select when there is no mask, and saves the activations, so the backward pass
+  evaluates no transcendental and does one matrix product per step.
 
 Gate order and equations follow PyTorch's `nn.LSTM`/`nn.GRU` (see each cell's docstring),
 so the NumPy reference in tests/test_rnn.py is a transcription of those documented
@@ -135,13 +141,22 @@ def reference_scan(cell: str, reverse: bool, unroll: int, w_h, b_h, gates_x, car
     return outs, carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def recurrent_scan(cell: str, reverse: bool, unroll: int, w_h, b_h, gates_x, carry, resets,
                    mask):
     """`reference_scan` with a hand-written backward pass that does one matrix product per
     step (dh_prev = dgh W_h^T) and the weight gradient as one product after the loop
     (dW_h = sum_t h_t^T dgh_t), where JAX's scan transpose would do two products and
-    accumulate dW_h step by step."""
+    accumulate dW_h step by step. `mask` may be None (no padding); the LSTM has its own
+    explicit pass (`lstm_scan`)."""
+    if cell == "lstm":
+        return lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)
+    if mask is None:
+        mask = jnp.ones(resets.shape, bool)
+    return _cell_scan(cell, reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _cell_scan(cell, reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
     return reference_scan(cell, reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)
 
 
@@ -185,7 +200,79 @@ def _scan_bwd(cell, reverse, unroll, residuals, cotangents):
     return d_w_h, d_b_h, d_gates_x, d_carry, None, None
 
 
-recurrent_scan.defvjp(_scan_fwd, _scan_bwd)
+_cell_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
+    """The LSTM recurrence; residuals: per step the activated gates (i, f, g, o), the
+    carry the step started from, and tanh of the new cell state."""
+    time, batch, gates, hidden = gates_x.shape
+    w = w_h.reshape(hidden, gates * hidden)
+    b = b_h.reshape(gates * hidden)
+    gx = gates_x.reshape(time, batch, gates * hidden)
+    is_g = (jnp.arange(gates * hidden) // hidden) == 2  # the cell-input gate: tanh
+    keep = (~resets)[..., None].astype(gx.dtype)
+    mask = None if mask is None else mask[..., None]
+
+    def body(carry, step):
+        h, c = carry
+        gx_t, k, m = step
+        h, c = h * k, c * k
+        z = gx_t + (h @ w + b)
+        # Both activations over all gates at once (slices of z make XLA's CPU loops slow).
+        a = jnp.where(is_g, jnp.tanh(z), jax.nn.sigmoid(z))
+        i, f, g, o = (a[:, j * hidden:(j + 1) * hidden] for j in range(4))
+        c_new = f * c + i * g
+        tc = jnp.tanh(c_new)
+        out = o * tc
+        new = (out, c_new) if m is None else (jnp.where(m, out, h), jnp.where(m, c_new, c))
+        return new, (out, a, h, c, tc)
+
+    final, (outs, acts, h0s, c0s, tcs) = jax.lax.scan(body, carry, (gx, keep, mask),
+                                                      reverse=reverse, unroll=unroll)
+    return (outs, final), (w, acts, h0s, c0s, tcs, keep, mask)
+
+
+def _lstm_bwd(reverse, unroll, residuals, cotangents):
+    w, acts, h0s, c0s, tcs, keep, mask = residuals
+    d_outs, (d_h, d_c) = cotangents
+    time, batch, hidden = h0s.shape
+    dtype = acts.dtype
+    p = jnp.concatenate([jnp.zeros((2 * hidden,), dtype), jnp.ones((hidden,), dtype),
+                         jnp.zeros((hidden,), dtype)])
+    q = 1 - p
+
+    def body(d, step):
+        d_h, d_c = d
+        a, c0, tc, k, m, d_out = step
+        i, f, g, o = (a[:, j * hidden:(j + 1) * hidden] for j in range(4))
+        if m is None:  # no padding: the new carry is the cell's
+            dh_new, dc_new, d_h, d_c = d_h + d_out, d_c, 0, 0
+        else:  # padding keeps the old carry: its gradient passes through
+            dh_new, dc_new = jnp.where(m, d_h, 0) + d_out, jnp.where(m, d_c, 0)
+            d_h, d_c = jnp.where(m, 0, d_h), jnp.where(m, 0, d_c)
+        dcc = dc_new + dh_new * o * (1 - tc * tc)
+        d_a = jnp.concatenate([dcc * g, dcc * c0, dcc * i, dh_new * tc], axis=1)  # d(i,f,g,o)
+        dz = d_a * (p + a * (q - a))  # through sigmoid (a - a^2) or tanh (1 - a^2)
+        d_h0 = (dz @ w.T + d_h) * k
+        d_c0 = (dcc * f + d_c) * k
+        return (d_h0, d_c0), dz
+
+    d_carry, dzs = jax.lax.scan(body, (d_h, d_c), (acts, c0s, tcs, keep, mask, d_outs),
+                                reverse=not reverse, unroll=unroll)
+    d_w_h = (h0s.reshape(time * batch, hidden).T @ dzs.reshape(time * batch, 4 * hidden))
+    d_gates = dzs.reshape(time, batch, 4, hidden)
+    return d_w_h.reshape(hidden, 4, hidden), d_gates.sum((0, 1)), d_gates, d_carry, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
+    """`reference_scan` for the LSTM with explicit forward and backward passes (see the
+    module docstring); `mask` None means no padding."""
+    return _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)[0]
+
+
+lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 class RecurrentLayer(nn.Module):
@@ -223,7 +310,7 @@ class RecurrentLayer(nn.Module):
         gates_x = _project(xs, w_i) + b_i
         time = xs.shape[1]
         resets = jnp.zeros((time, batch), bool) if resets is None else resets.T
-        mask = jnp.ones((time, batch), bool) if mask is None else mask.T
+        mask = None if mask is None else mask.T
         outs, carry = recurrent_scan(self.cell, self.reverse, self.unroll, w_h, b_h, gates_x,
                                      carry, resets, mask)
         return jnp.swapaxes(outs, 0, 1), carry  # (batch, time, hidden)
