@@ -96,6 +96,7 @@ class EngineStats:
     preemptions: int = 0  # a job that ran one iteration was not picked for the next
     finished: int = 0
     busy: float = 0.0  # seconds (on `clock`) spent in iterations that ran jobs
+    modelled: float = 0.0  # the same work priced by the cost model (`Engine.costs`)
     ttft: list[float] = dataclasses.field(default_factory=list)
     tpot: list[float] = dataclasses.field(default_factory=list)
 
@@ -223,6 +224,9 @@ class Engine:
         return self.costs.prefill.get(min(bucket(tokens), bucket(self.block)), 0.0)
 
     def _charge(self, kind: str, width: int | None = None) -> None:
+        """Books the modelled cost of work just done (and moves a CostClock by it)."""
+        cost = getattr(self.costs, kind)
+        self.stats.modelled += cost if width is None else cost.get(width, 0.0)
         if isinstance(self.clock, CostClock):
             self.clock.charge(kind, width)
 
@@ -272,7 +276,10 @@ class Engine:
 
     def _decode(self, jobs: list[Job]) -> None:
         """One decode step of the running jobs, over their rows only (padded to
-        `max_batch` rows, so one compiled shape serves every step)."""
+        `max_batch` rows, so one compiled shape serves every step). With as many rows as
+        running jobs the step runs over the cache in place: nothing to gather."""
+        if self.max_batch == self.slots:
+            return self._decode_every_row(jobs)
         rows = np.zeros(self.max_batch, np.int32)
         tokens = np.zeros(self.max_batch, np.int32)
         lengths = np.zeros(self.max_batch, np.int32)
@@ -287,6 +294,22 @@ class Engine:
         for job in jobs:
             job.length += 1
         self._emit(jobs, new[: len(jobs)])
+
+    def _decode_every_row(self, jobs: list[Job]) -> None:
+        tokens = np.zeros(self.slots, np.int32)
+        lengths = np.zeros(self.slots, np.int32)
+        active = np.zeros(self.slots, bool)
+        by_slot = [None] * self.slots  # every row samples: one compiled shape
+        for job in jobs:
+            tokens[job.slot], lengths[job.slot], active[job.slot] = job.out[-1], job.length, True
+            by_slot[job.slot] = job
+        new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
+                                                     active, *_sampling_arrays(by_slot))
+        new = np.asarray(new)
+        self._charge("decode")
+        for job in jobs:
+            job.length += 1
+        self._emit(jobs, new[[job.slot for job in jobs]])
 
     def _sample(self, logits: jax.Array, jobs: list[Job | None]) -> np.ndarray:
         """One token per row of logits; rows without a job (None) sample greedily."""
@@ -374,9 +397,13 @@ class Engine:
 
         def decode():
             zeros = np.zeros(self.max_batch, np.int32)
-            new, self.cache = self._decode_rows(
-                self.params, self.cache, zeros, zeros, zeros, np.ones(self.max_batch, bool),
-                *_sampling_arrays([None] * self.max_batch))
+            active, sampling = np.ones(self.max_batch, bool), [None] * self.max_batch
+            if self.max_batch == self.slots:
+                new, self.cache = self.decoder.decode_sample(
+                    self.params, self.cache, zeros, zeros, active, *_sampling_arrays(sampling))
+            else:
+                new, self.cache = self._decode_rows(self.params, self.cache, zeros, zeros,
+                                                    zeros, active, *_sampling_arrays(sampling))
             return np.asarray(new)
 
         def swap_out(width):
