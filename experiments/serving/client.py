@@ -261,7 +261,8 @@ def main() -> None:
         unit = make_workload(args.requests, 1.0, seed, **lengths)
         prompts = prompts_from_text(text, unit.prompt_lengths, seed)
         capacity = 1.0 / _work(engine, unit)
-        overhead = 1.0 if modelled else _overhead(engine, loaded, text, args, lengths)
+        overhead = 1.0 if modelled else _overhead(engine, loaded, text, args, lengths, unit,
+                                                  prompts, capacity)
         rate = args.rate or args.load * capacity / overhead
         workload = Workload(unit.arrivals / rate, unit.prompt_lengths, unit.output_lengths)
         label = f"modelled seed {seed}" if modelled else "wall"
@@ -321,18 +322,31 @@ def _work(engine, w: Workload) -> float:
                           for p, o in zip(w.prompt_lengths, w.output_lengths, strict=True)]))
 
 
-def _overhead(engine, loaded, text, args, lengths) -> float:
+def _overhead(engine, loaded, text, args, lengths, unit: Workload, prompts: list[str],
+              capacity: float) -> float:
     """How much longer wall-clock time is than modelled time right now (Python between
-    steps, sampling, other jobs on the machine): the same saturated FCFS batch (96
-    requests, all arriving at once) run on the cost clock and on the wall clock."""
+    steps, sampling, the submitting thread, other jobs on the machine).
+
+    First a saturated FCFS batch (96 requests arriving at once) gives a guess; then the
+    first 300 requests of the trace itself arrive at the rate that guess implies, on the
+    wall clock with FCFS, and the time the engine was busy over the modelled cost of the
+    work it did is the answer (it is that ratio, measured the same way, that the
+    wall-clock runs' `load` column uses)."""
     cal = make_workload(96, 1.0, args.seed + 1001, **lengths)
     cal = Workload(np.zeros(96), cal.prompt_lengths, cal.output_lengths)
-    prompts = prompts_from_text(text, cal.prompt_lengths, args.seed + 1001)
+    cal_prompts = prompts_from_text(text, cal.prompt_lengths, args.seed + 1001)
     span = {}
     for modelled in (True, False):
-        records, _ = run_engine(engine, loaded, cal, prompts, "fcfs", args, modelled)
+        records, _ = run_engine(engine, loaded, cal, cal_prompts, "fcfs", args, modelled)
         span[modelled] = max(r["finish"] for r in records) - min(r["arrival"] for r in records)
-    return span[False] / span[True]
+    guess = span[False] / span[True]
+    n = min(300, len(prompts))
+    rate = args.load * capacity / guess
+    head = Workload(unit.arrivals[:n] / rate, unit.prompt_lengths[:n], unit.output_lengths[:n])
+    _, stats = run_engine(engine, loaded, head, prompts[:n], "fcfs", args, False)
+    print(f"wall-clock calibration: saturated batch {guess:.2f}x modelled time, first {n} "
+          f"requests of the trace {stats['slowdown']:.2f}x", flush=True)
+    return stats["slowdown"]
 
 
 if __name__ == "__main__":
