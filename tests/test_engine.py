@@ -14,7 +14,16 @@ import pytest
 from flax import linen as nn
 
 from lmjax.models import GPT, GPTConfig
-from lmjax.serve.engine import Engine, PromptTooLongError, QueueFullError
+from lmjax.serve.engine import (
+    CostClock,
+    Costs,
+    Engine,
+    PromptTooLongError,
+    QueueFullError,
+    _read_row,
+    _sampling_arrays,
+    _write_row,
+)
 from lmjax.serve.generate import Decoder, SamplingParams, generate
 from lmjax.serve.scheduler import FCFS, SCHEDULERS, SkipJoinMLFQ, make_scheduler
 
@@ -74,6 +83,79 @@ def test_engine_generates_what_generate_does(scheduler):
     assert engine.slots_in_use() == 0 and engine.pending() == 0
     if scheduler["name"] == "mlfq":
         assert engine.stats.swaps_out > 0 and engine.stats.swaps_in > 0  # the path ran
+
+
+def test_spare_rows_preempt_without_swapping():
+    """More rows than running jobs: preempted jobs wait in their rows, never on the host,
+    and still generate exactly what they generate alone."""
+    decoder, params = _setup()
+    engine = Engine(decoder, params, make_scheduler("mlfq", base_quantum=1.0, num_queues=3,
+                                                    starvation=6.0),
+                    slots=6, max_batch=2, clock=_ticks())
+    requests = _requests()
+    jobs = [engine.submit(p, o) for p, o in requests]
+    engine.run_until_idle()
+    for job, (prompt, opts) in zip(jobs, requests, strict=True):
+        assert job.out == generate(decoder, params, [prompt], opts)[0].tokens
+    assert engine.stats.preemptions > 0
+    assert engine.stats.swaps_out == engine.stats.swaps_in == 0
+
+
+def _random_cache(decoder, rows, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                        decoder.new_cache(rows))
+
+
+def test_swap_moves_only_the_written_positions_and_restores_them_exactly():
+    decoder, _ = _setup()
+    cache = _random_cache(decoder, 3)
+    before = jax.device_get(cache)
+    host = jax.device_get(_read_row(cache, 1, 16))  # positions 0..15 of row 1
+    assert all(c.keys.shape == (CONFIG.num_heads, 16, CONFIG.head_dim) for c in host)
+    restored = jax.device_get(_write_row(cache, 2, host))  # into another row
+    for old, new in zip(before, restored, strict=True):
+        for a, b in ((old.keys, new.keys), (old.values, new.values)):
+            np.testing.assert_array_equal(b[2, :, :16], a[1, :, :16])  # bit for bit
+            np.testing.assert_array_equal(b[2, :, 16:], a[2, :, 16:])  # rest untouched
+            np.testing.assert_array_equal(b[:2], a[:2])
+
+
+def test_decode_over_gathered_rows_equals_decoding_every_row():
+    """A step over rows [3, 0] (padded by an inactive row) writes and samples what a step
+    over the whole cache with only those rows active does; other rows stay as they were."""
+    decoder, params = _setup()
+    engine = Engine(decoder, params, FCFS(), slots=4, max_batch=3)
+    tokens, lengths = np.array([7, 9, 0], np.int32), np.array([5, 11, 0], np.int32)
+    active = np.array([True, True, False])
+    jobs = [None] * 3
+    new, gathered = engine._decode_rows(params, _random_cache(decoder, 4),
+                                        np.array([3, 0, 3], np.int32), tokens, lengths,
+                                        active, *_sampling_arrays(jobs))
+    full_tokens = np.zeros(4, np.int32)
+    full_lengths = np.zeros(4, np.int32)
+    full_tokens[[3, 0]], full_lengths[[3, 0]] = tokens[:2], lengths[:2]
+    ref, full = decoder.decode_sample(params, _random_cache(decoder, 4), full_tokens,
+                                      full_lengths, np.array([True, False, False, True]),
+                                      *_sampling_arrays([None] * 4))
+    assert np.asarray(new)[:2].tolist() == np.asarray(ref)[[3, 0]].tolist()
+    for a, b in zip(jax.device_get(gathered), jax.device_get(full), strict=True):
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_cost_clock_charges_the_modelled_work():
+    """On a CostClock time moves by the modelled costs only: a 3-token prompt (bucket 16)
+    and 5 new tokens take one prefill and four decode steps."""
+    decoder, params = _setup()
+    costs = Costs(prefill={16: 2.5, 32: 4.0}, decode=1.0, swap_out={16: 0.5, 32: 0.5},
+                  swap_in={16: 0.25, 32: 0.25})
+    clock = CostClock(costs)
+    engine = Engine(decoder, params, FCFS(), slots=2, clock=clock)
+    assert engine.estimate_prefill(3) == 2.5 and engine.estimate_prefill(20) == 4.0
+    job = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+    engine.run_until_idle()
+    assert job.first_token_time == 2.5 and job.finish_time == 6.5 == clock()
 
 
 def test_streamed_text_and_stop_strings():

@@ -4,19 +4,27 @@ One KV cache of `slots` rows is allocated once. Every iteration the scheduler pi
 to `slots` jobs; newcomers are prefilled into a free row (interleaved with decoding:
 one iteration prefills the newcomers it picked, then runs one decode step for every
 picked job); a job that the scheduler stops picking is preempted at a token boundary
-and keeps its row until another job needs it, when its keys and values move to host
-memory (and back into a row when it is picked again). Results never depend on the
+and keeps its row until another job needs it, when the written positions of its keys
+and values move to host memory (and back into a row when it is picked again). A decode
+step gathers only the rows of the jobs it runs (`max_batch` of them), so rows beyond
+the running batch hold preempted jobs at no compute cost. Results never depend on the
 batch: each row decodes only from its own cache entries and its own seed.
+
+Time is read from `clock`; with a `CostClock` it advances only by the modelled cost of
+each prefill, decode step and swap, so a run is deterministic (the benchmark's
+machine-independent view of scheduling).
 """
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -57,12 +65,38 @@ class Job:
 
 
 @dataclasses.dataclass
+class Costs:
+    """Seconds each kind of engine work takes, by padded width (measured by `warmup`)."""
+
+    prefill: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt bucket
+    decode: float = 0.0  # one step of the running batch
+    swap_out: dict[int, float] = dataclasses.field(default_factory=dict)  # row bucket
+    swap_in: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+class CostClock:
+    """A deterministic clock: time moves only when the engine charges modelled work."""
+
+    def __init__(self, costs: Costs):
+        self.costs, self.now = costs, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, kind: str, width: int | None = None) -> None:
+        cost = getattr(self.costs, kind)
+        self.now += cost if width is None else cost[width]
+
+
+@dataclasses.dataclass
 class EngineStats:
     tokens_generated: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
-    preemptions: int = 0
+    preemptions: int = 0  # a job that ran one iteration was not picked for the next
     finished: int = 0
+    busy: float = 0.0  # seconds (on `clock`) spent in iterations that ran jobs
+    modelled: float = 0.0  # the same work priced by the cost model (`Engine.costs`)
     ttft: list[float] = dataclasses.field(default_factory=list)
     tpot: list[float] = dataclasses.field(default_factory=list)
 
@@ -90,20 +124,29 @@ class Engine:
         self.owner: list[Job | None] = [None] * slots
         self.jobs: list[Job] = []
         self.stats = EngineStats()
+        self._ran: list[Job] = []  # the jobs of the last iteration
         self._inbox: collections.deque[Job] = collections.deque()
         self._cancelled: collections.deque[Job] = collections.deque()
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
-        self.prefill_cost = (0.0, 0.0)  # seconds = a + b * tokens, from warmup()
-        self.decode_seconds = 0.0  # one decode step, from warmup()
+        # Measured by warmup() (a CostClock brings its own); prefill estimates come from here.
+        self.costs = clock.costs if isinstance(clock, CostClock) else Costs()
         self._read_row = jax.jit(_read_row, static_argnums=2)
         self._write_row = jax.jit(_write_row, donate_argnums=0)
+        self._decode_rows = jax.jit(functools.partial(_decode_rows, decoder), donate_argnums=1)
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.costs.decode
 
     # -- submitting -----------------------------------------------------------------
-    def submit(self, prompt: list[int], options: SamplingParams, on_event=None) -> Job:
-        """Queues a job (thread-safe). Raises PromptTooLongError or QueueFullError."""
+    def submit(self, prompt: list[int], options: SamplingParams, on_event=None,
+               arrival: float | None = None) -> Job:
+        """Queues a job (thread-safe). Raises PromptTooLongError or QueueFullError.
+
+        `arrival` (default: now) is when the request arrived, for its TTFT and JCT."""
         if not prompt:
             raise ValueError("prompt is empty; give at least one token")
         if len(prompt) > self.block:
@@ -112,7 +155,8 @@ class Engine:
         with self._wake:
             if self.pending() >= self.max_jobs:
                 raise QueueFullError(f"{self.max_jobs} jobs are queued or running; retry later")
-            job = Job(list(prompt), options, on_event, next(self._ids), self.clock())
+            job = Job(list(prompt), options, on_event, next(self._ids),
+                      self.clock() if arrival is None else arrival)
             self._inbox.append(job)
             self._wake.notify()
         return job
@@ -137,6 +181,10 @@ class Engine:
             return False
         start = self.clock()
         picked = self.scheduler.pick(start, self.max_batch)
+        chosen = set(map(id, picked))
+        self.stats.preemptions += sum(id(j) not in chosen for j in self._ran
+                                      if j.finish_reason is None)
+        self._ran = picked
         self._assign_slots(picked)
         decoding = [j for j in picked if j.prefilled]
         # Each job is charged its own work: its prefill, and the decode step it shared.
@@ -152,6 +200,7 @@ class Engine:
             for job in decoding:
                 used[job] += self.clock() - t
         now = self.clock()
+        self.stats.busy += now - start
         self.scheduler.account(used, now)
         for job in picked:
             if job.finish_reason is not None:
@@ -171,8 +220,15 @@ class Engine:
                 self._finish(job, self.clock())
 
     def estimate_prefill(self, tokens: int) -> float:
-        a, b = self.prefill_cost
-        return a + b * bucket(tokens)
+        """The measured time of a prefill of this prompt's padded width (0 before warmup)."""
+        return self.costs.prefill.get(min(bucket(tokens), bucket(self.block)), 0.0)
+
+    def _charge(self, kind: str, width: int | None = None) -> None:
+        """Books the modelled cost of work just done (and moves a CostClock by it)."""
+        cost = getattr(self.costs, kind)
+        self.stats.modelled += cost if width is None else cost.get(width, 0.0)
+        if isinstance(self.clock, CostClock):
+            self.clock.charge(kind, width)
 
     def _assign_slots(self, picked: list[Job]) -> None:
         chosen = set(map(id, picked))
@@ -183,6 +239,7 @@ class Engine:
             job.slot, self.owner[slot] = slot, job
             if job.host_kv is not None:
                 self.cache = self._write_row(self.cache, slot, job.host_kv)
+                self._charge("swap_in", job.host_kv[0].keys.shape[1])
                 job.host_kv = None
                 self.stats.swaps_in += 1
 
@@ -198,11 +255,11 @@ class Engine:
         slot = max(idle)[1]  # the lowest-priority holder, least likely to run again soon
         owner = self.owner[slot]
         # Only the written positions move, rounded up to a power of two (few shapes).
-        owner.host_kv = jax.device_get(self._read_row(self.cache, slot,
-                                                      min(bucket(owner.length), self.block)))
+        width = min(bucket(owner.length), self.block)
+        owner.host_kv = jax.device_get(self._read_row(self.cache, slot, width))
+        self._charge("swap_out", width)
         owner.slot, self.owner[slot] = None, None
         self.stats.swaps_out += 1
-        self.stats.preemptions += 1
         return slot
 
     def _prefill(self, job: Job) -> None:
@@ -213,22 +270,46 @@ class Engine:
             self.params, self.cache, job.slot, tokens, np.zeros(1, np.int32),
             np.array([len(job.prompt)], np.int32))
         job.length = len(job.prompt)
-        self._emit([job], self._sample(logits, [job]))
+        tokens = self._sample(logits, [job])
+        self._charge("prefill", min(width, bucket(self.block)))
+        self._emit([job], tokens)
 
     def _decode(self, jobs: list[Job]) -> None:
+        """One decode step of the running jobs, over their rows only (padded to
+        `max_batch` rows, so one compiled shape serves every step). With as many rows as
+        running jobs the step runs over the cache in place: nothing to gather."""
+        if self.max_batch == self.slots:
+            return self._decode_every_row(jobs)
+        rows = np.zeros(self.max_batch, np.int32)
+        tokens = np.zeros(self.max_batch, np.int32)
+        lengths = np.zeros(self.max_batch, np.int32)
+        active = np.zeros(self.max_batch, bool)
+        for i, job in enumerate(jobs):
+            rows[i], tokens[i], lengths[i], active[i] = job.slot, job.out[-1], job.length, True
+        padded = jobs + [None] * (self.max_batch - len(jobs))  # padding rows sample greedily
+        new, self.cache = self._decode_rows(self.params, self.cache, rows, tokens, lengths,
+                                            active, *_sampling_arrays(padded))
+        new = np.asarray(new)
+        self._charge("decode")
+        for job in jobs:
+            job.length += 1
+        self._emit(jobs, new[: len(jobs)])
+
+    def _decode_every_row(self, jobs: list[Job]) -> None:
         tokens = np.zeros(self.slots, np.int32)
         lengths = np.zeros(self.slots, np.int32)
         active = np.zeros(self.slots, bool)
-        for job in jobs:
-            tokens[job.slot], lengths[job.slot], active[job.slot] = job.out[-1], job.length, True
         by_slot = [None] * self.slots  # every row samples: one compiled shape
         for job in jobs:
+            tokens[job.slot], lengths[job.slot], active[job.slot] = job.out[-1], job.length, True
             by_slot[job.slot] = job
         new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
                                                      active, *_sampling_arrays(by_slot))
+        new = np.asarray(new)
+        self._charge("decode")
         for job in jobs:
             job.length += 1
-        self._emit(jobs, np.asarray(new)[[job.slot for job in jobs]])
+        self._emit(jobs, new[[job.slot for job in jobs]])
 
     def _sample(self, logits: jax.Array, jobs: list[Job | None]) -> np.ndarray:
         """One token per row of logits; rows without a job (None) sample greedily."""
@@ -292,38 +373,56 @@ class Engine:
 
     # -- warmup and the background loop -------------------------------------------------
     def warmup(self) -> None:
-        """Compiles every prefill bucket and the decode step; fits the prefill cost model."""
-        sizes, times = [], []
-        widths = []
-        width = 16
+        """Compiles every prefill width, the decode step and the swaps; times each (the
+        median of three calls after the compiling one), wall-clock whatever `clock` is."""
+        widths, width = [], 16
         while width < self.block:
             widths.append(width)
             width *= 2
         widths.append(bucket(self.block))
-        for width in tqdm(widths, desc="compile", leave=False):
-            for repeat in range(2):  # the second call is the timed one
-                t = self.clock()
-                logits, self.cache = self.decoder.prefill(
-                    self.params, self.cache, 0, np.zeros((1, width), np.int32),
-                    np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
-                jax.block_until_ready(logits)
-                if repeat:
-                    sizes.append(width)
-                    times.append(self.clock() - t)
-        self._sample(logits, [None])
-        zeros = np.zeros(self.slots, np.int32)
-        for _ in range(2):  # the second call is the timed one
-            t = self.clock()
-            new, self.cache = self.decoder.decode_sample(
-                self.params, self.cache, zeros, zeros, np.zeros(self.slots, bool),
-                *_sampling_arrays([None] * self.slots))
-            jax.block_until_ready(new)
-            self.decode_seconds = self.clock() - t
-        for width in widths:
-            rows = jax.device_get(self._read_row(self.cache, 0, min(width, self.block)))
+
+        def timed(fn):
+            times = []
+            for _ in range(4):
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                times.append(time.perf_counter() - t)
+            return float(np.median(times[1:]))
+
+        def prefill(width):
+            logits, self.cache = self.decoder.prefill(
+                self.params, self.cache, 0, np.zeros((1, width), np.int32),
+                np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
+            return self._sample(logits, [None])
+
+        def decode():
+            zeros = np.zeros(self.max_batch, np.int32)
+            active, sampling = np.ones(self.max_batch, bool), [None] * self.max_batch
+            if self.max_batch == self.slots:
+                new, self.cache = self.decoder.decode_sample(
+                    self.params, self.cache, zeros, zeros, active, *_sampling_arrays(sampling))
+            else:
+                new, self.cache = self._decode_rows(self.params, self.cache, zeros, zeros,
+                                                    zeros, active, *_sampling_arrays(sampling))
+            return np.asarray(new)
+
+        def swap_out(width):
+            return jax.device_get(self._read_row(self.cache, 0, min(width, self.block)))
+
+        def swap_in(rows):
             self.cache = self._write_row(self.cache, 0, rows)
-        b, a = np.polyfit(sizes, times, 1) if len(sizes) > 1 else (times[0] / sizes[0], 0.0)
-        self.prefill_cost = (max(float(a), 0.0), max(float(b), 0.0))
+            return self.cache
+
+        costs = Costs()
+        for width in tqdm(widths, desc="compile", leave=False):
+            costs.prefill[width] = timed(lambda w=width: prefill(w))
+        costs.decode = timed(decode)
+        for width in widths:
+            rows = swap_out(width)
+            length = rows[0].keys.shape[1]  # swaps are keyed by rows actually moved
+            costs.swap_out[length] = timed(lambda w=width: swap_out(w))
+            costs.swap_in[length] = timed(lambda r=rows: swap_in(r))
+        self.costs = costs
 
     def start(self) -> None:
         self._running = True
@@ -361,6 +460,23 @@ def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:
             np.array([x.top_k for x in o], np.int32), np.array([x.top_p for x in o], np.float32),
             np.array([x.seed for x in o], np.uint32),
             np.array([len(j.out) if j is not None else 0 for j in jobs], np.int32))
+
+
+def _decode_rows(decoder: Decoder, params, cache, rows, tokens, lengths, active, *sampling):
+    """`decode_sample` over cache rows `rows` (batch,) only; writes back the one position
+    each active row wrote (inactive rows write nothing, so padding may repeat a row)."""
+    block = decoder.config.block_size
+    part = [jax.tree.map(lambda x: x[rows], layer) for layer in cache]
+    new, part = decoder._decode_sample(params, part, tokens, lengths, active, *sampling)
+    at = jnp.where(active, lengths, block)
+    index = jnp.arange(rows.shape[0])
+
+    def put(full, row):
+        written = row[index, :, jnp.minimum(at, block - 1)]  # (batch, heads, head_dim)
+        return full.at[rows, :, at].set(written, mode="drop")
+
+    return new, [jax.tree.map(put, layer, new_layer) for layer, new_layer in
+                 zip(cache, part, strict=True)]
 
 
 def _read_row(cache, slot, length: int):

@@ -10,6 +10,7 @@ starvation threshold is promoted back to the queue it joined.
 """
 
 import dataclasses
+import heapq
 import itertools
 from typing import Protocol
 
@@ -57,8 +58,8 @@ class FCFS:
         self.entries.pop(id(job), None)
 
     def pick(self, now: float, capacity: int) -> list:
-        ordered = sorted(self.entries.values(), key=lambda e: e.arrival)
-        return [e.job for e in ordered[:capacity]]
+        # entries are kept in arrival order (dicts keep insertion order)
+        return [e.job for e in itertools.islice(self.entries.values(), capacity)]
 
     def account(self, ran: dict, now: float) -> None:
         pass
@@ -107,8 +108,9 @@ class SkipJoinMLFQ:
             if wait > self.starvation and e.level > e.join_level:
                 self.promotions.append((e.job, wait))
                 self._move(e, e.join_level, now)
-        ordered = sorted(self.entries.values(), key=lambda e: (e.level, e.order))
-        return [e.job for e in ordered[:capacity]]
+        ordered = heapq.nsmallest(capacity, self.entries.values(),
+                                  key=lambda e: (e.level, e.order))
+        return [e.job for e in ordered]
 
     def rank(self, job) -> tuple:
         e = self.entries[id(job)]
