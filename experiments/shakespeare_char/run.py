@@ -4,7 +4,9 @@
 
 Prepares the data first (not timed), then times the training command as a user runs
 it, runs the step benchmark on the same config, writes `loss_<config>.png` beside this
-file and prints the table row used in README.md.
+file and prints the table row used in README.md. With `--reference` (baby config, torch
+installed) it then times `torch_reference.py` on the same machine and prints the ratio of
+the two wall times, the figure the speed goal is stated in.
 """
 
 import argparse
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="baby")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--gin_param", action="append", default=[])
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the PyTorch reference (baby config) and print the ratio")
     args = parser.parse_args()
     workdir = Path(args.workdir or REPO / "runs" / f"shakespeare_char_{args.config}")
     if workdir.exists():
@@ -84,6 +88,20 @@ def main() -> None:
           f"{figures['median_ms_per_step']:.1f} | {figures['tokens_per_sec']:,.0f} | "
           f"{100 * figures['mfu']:.1f}% |")
     print(f"plot: {plot.relative_to(REPO)}")
+    if args.reference:
+        _compare_with_reference(wall)
+
+
+def _compare_with_reference(wall: float) -> None:
+    """Times the PyTorch reference's whole command and prints lmjax's wall over its wall."""
+    cmd = [sys.executable, str(HERE / "torch_reference.py")]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
+    reference = time.perf_counter() - start
+    print(out.strip().splitlines()[-1])
+    print(f"wall: lmjax {wall:.1f} s, PyTorch reference {reference:.1f} s; "
+          f"lmjax / reference = {wall / reference:.2f} (goal: at most 0.5)")
 
 
 if __name__ == "__main__":
