@@ -43,6 +43,16 @@ def is_missing(err: Exception) -> bool:
     return "NOT_FOUND" in str(err)
 
 
+def try_get(client, name: str) -> bytes | None:
+    """The value under `name`, or None if it is not (or no longer) there."""
+    try:
+        return client.key_value_try_get_bytes(name)
+    except Exception as err:  # noqa: BLE001  (errors come as JaxRuntimeError)
+        if is_missing(err):
+            return None
+        raise
+
+
 def key(shard: int, *parts) -> str:
     return "/".join(["ps", f"s{shard}", *map(str, parts)])
 
@@ -105,12 +115,9 @@ class ShardClient:
 
     def pull(self, version: int) -> dict | None:
         """The shard's parameters at `version`, or None if that version was deleted."""
-        try:
-            data = self.client.key_value_try_get_bytes(key(self.shard, "params", version))
-        except Exception as err:  # noqa: BLE001
-            if is_missing(err):
-                return None
-            raise
+        data = try_get(self.client, key(self.shard, "params", version))
+        if data is None:
+            return None
         return decode_arrays(self.plan.names[self.shard], self.plan.shapes, data)
 
     def push(self, push: Push) -> int:
@@ -174,12 +181,9 @@ class ShardPublisher:
 
     def try_read(self, slot: int) -> Push | None:
         """The gradient in inbox `slot` if it is already there."""
-        try:
-            payload = self.client.key_value_try_get_bytes(key(self.shard, "inbox", slot))
-        except Exception as err:  # noqa: BLE001
-            if is_missing(err):
-                return None
-            raise
+        payload = try_get(self.client, key(self.shard, "inbox", slot))
+        if payload is None:
+            return None
         return decode_push(payload, self.plan, self.shard, slot)
 
     def forget(self, slots) -> None:
