@@ -56,3 +56,24 @@ def test_remat_equals_plain_and_bf16_tracks_fp32():
     bf16, state = train_losses(mesh, dataclasses.replace(MODEL, dtype="bfloat16"), TRAIN, 3)
     np.testing.assert_allclose(bf16, plain, rtol=2e-2)  # bf16 has 8 bits of mantissa
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+
+
+def test_checkpoint_without_carry_entry_restores(tmp_path):
+    """States gained a `carry` field after the first GPT checkpoints were written; a
+    checkpoint without that entry still restores into a state with nothing to carry."""
+    from lmjax.train.checkpoint import Checkpointer, as_abstract
+    from lmjax.train.state import TrainState
+
+    state = TrainState(step=jax.numpy.array(7), params={"w": jax.numpy.arange(6.0)},
+                       opt_state=(jax.numpy.ones(3),), rng=jax.numpy.array([1, 2], "uint32"))
+    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+           if f.name != "carry"}
+    writer = Checkpointer(str(tmp_path), async_save=False)
+    writer.save(7, old, None, {"note": "no carry"})
+    writer.close()
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    restored, meta = reader.restore(7, as_abstract(state, shardings))
+    assert meta == {"note": "no carry"} and restored.carry is None
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(got, want)

@@ -6,6 +6,7 @@ writes into a temporary directory and renames it when complete, so a killed run 
 leaves a half-written checkpoint behind; leftovers are removed at the next start.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -92,13 +93,27 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restores onto the shardings carried by `abstract_state` (any mesh)."""
         self.check_compatible(step, abstract_state)
-        args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        target = self._restore_target(step, abstract_state)
+        args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         if data_iter is not None:
             data_iter.set_state(restored["data"])
-        return restored["state"], restored["meta"]
+        state = restored["state"]
+        if target is not abstract_state:
+            state = abstract_state.replace(**state)
+        return state, restored["meta"]
+
+    def _restore_target(self, step: int, abstract_state):
+        """Checkpoints written before states had a `carry` field lack its entry; orbax
+        refuses a target with an extra entry, so such a state (with nothing to carry)
+        restores through a dict of the other fields."""
+        saved = self.manager.item_metadata(step)["state"]
+        if getattr(abstract_state, "carry", 0) is None and "carry" not in saved.keys():
+            return {f.name: getattr(abstract_state, f.name)
+                    for f in dataclasses.fields(abstract_state) if f.name != "carry"}
+        return abstract_state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -21,8 +21,8 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
     # State carried from one batch to the next (an RNN's hidden state in truncated
-    # BPTT), leaves shaped (batch, ...); None for tasks that carry nothing, which
-    # leaves GPT states and their checkpoints exactly as before.
+    # BPTT), leaves shaped (batch, ...); None for tasks that carry nothing (checkpoints
+    # from before this field existed still restore, see Checkpointer.restore).
     carry: Any = None
 
 
