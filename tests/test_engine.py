@@ -121,9 +121,11 @@ def test_swap_moves_only_the_written_positions_and_restores_them_exactly():
             np.testing.assert_array_equal(b[:2], a[:2])
 
 
-def test_decode_over_gathered_rows_equals_decoding_every_row():
-    """A step over rows [3, 0] (padded by an inactive row) writes and samples what a step
-    over the whole cache with only those rows active does; other rows stay as they were."""
+@pytest.mark.parametrize("width", [16, CONFIG.block_size])
+def test_decode_over_gathered_rows_equals_decoding_every_row(width):
+    """A step over rows [3, 0] (padded by an inactive row), reading their first `width`
+    positions only, writes and samples what a step over the whole cache with only those
+    rows active does; other rows stay as they were."""
     decoder, params = _setup()
     engine = Engine(decoder, params, FCFS(), slots=4, max_batch=3)
     tokens, lengths = np.array([7, 9, 0], np.int32), np.array([5, 11, 0], np.int32)
@@ -131,7 +133,7 @@ def test_decode_over_gathered_rows_equals_decoding_every_row():
     jobs = [None] * 3
     new, gathered = engine._decode_rows(params, _random_cache(decoder, 4),
                                         np.array([3, 0, 3], np.int32), tokens, lengths,
-                                        active, *_sampling_arrays(jobs))
+                                        active, *_sampling_arrays(jobs), width=width)
     full_tokens = np.zeros(4, np.int32)
     full_lengths = np.zeros(4, np.int32)
     full_tokens[[3, 0]], full_lengths[[3, 0]] = tokens[:2], lengths[:2]
@@ -148,7 +150,7 @@ def test_cost_clock_charges_the_modelled_work():
     """On a CostClock time moves by the modelled costs only: a 3-token prompt (bucket 16)
     and 5 new tokens take one prefill and four decode steps."""
     decoder, params = _setup()
-    costs = Costs(prefill={16: 2.5, 32: 4.0}, decode=1.0, swap_out={16: 0.5, 32: 0.5},
+    costs = Costs(prefill={16: 2.5, 32: 4.0}, decode={CONFIG.block_size: 1.0}, swap_out={16: 0.5, 32: 0.5},
                   swap_in={16: 0.25, 32: 0.25})
     clock = CostClock(costs)
     engine = Engine(decoder, params, FCFS(), slots=2, clock=clock)

@@ -36,7 +36,7 @@ def _reset(engine, scheduler: str, clock, args) -> None:
 
     assert not engine.pending() and engine.slots_in_use() == 0
     engine.clock, engine.stats = clock, EngineStats()
-    base = max(engine.estimate_prefill(1), engine.decode_seconds)
+    base = max(engine.estimate_prefill(1), engine.estimate_decode(1))
     engine.scheduler = make_scheduler(scheduler, base_quantum=base, num_queues=args.queues,
                                       starvation=args.starvation_quanta * base)
 
@@ -165,12 +165,13 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
 
 def print_table(summaries: dict[str, dict]) -> None:
     print("| run | req/s | tokens/s | TTFT mean (s) | TTFT p99 (s) | TPOT mean (ms) | "
-          "JCT mean (s) | JCT p99 (s) | load | preemptions | swaps out |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "JCT mean (s) | JCT p99 (s) | load | busy | preemptions | swaps out |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, s in summaries.items():
         print(f"| {name} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.0f} | "
               f"{s['ttft_mean']:.3f} | {s['ttft_p99']:.3f} | {1000 * s['tpot_mean']:.1f} | "
               f"{s['jct_mean']:.2f} | {s['jct_p99']:.2f} | {s.get('load', float('nan')):.2f} | "
+              f"{s.get('busy', float('nan')):.2f} | "
               f"{s.get('preemptions', '-')} | "
               f"{s.get('swaps_out', '-')} |")
 
@@ -225,10 +226,14 @@ def main() -> None:
                         help="take the cost model (prefill, decode step, swaps) from this "
                              "--json output instead of measuring it: modelled runs repeat "
                              "exactly")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="wall clock only: run the schedulers at the same time, each in "
+                             "its own process on its own core, --repeats times (cores swap)")
     args = parser.parse_args()
+    if args.concurrent:
+        return run_concurrent(args)
     loaded = load(args.workdir)
-    text = "".join(loaded.tokenizer.decode(row) for b in loaded.eval_batches
-                   for row in b["inputs"])
+    text = _eval_text(loaded)
     lengths = _lengths(args, loaded)
     results, summaries = {}, {}
     if args.url is not None:
@@ -251,7 +256,8 @@ def main() -> None:
         engine.costs = Costs(**{k: {int(w): t for w, t in v.items()} if isinstance(v, dict)
                                 else v for k, v in saved.items()})
     c = engine.costs
-    print(f"costs (ms): decode step of {engine.max_batch} rows {1000 * c.decode:.2f}; prefill "
+    print(f"costs (ms): decode step of {engine.max_batch} rows reading "
+          + ", ".join(f"{w}: {1000 * t:.2f}" for w, t in c.decode.items()) + "; prefill "
           + ", ".join(f"{w}: {1000 * t:.2f}" for w, t in c.prefill.items()) + "; swap out+in "
           + ", ".join(f"{w}: {1000 * (c.swap_out[w] + c.swap_in[w]):.2f}" for w in c.swap_out))
     order = [(seed, True) for seed in args.modelled_seeds] + [
@@ -297,6 +303,91 @@ def main() -> None:
                        "summaries": summaries, "ratios": ratios}, f, indent=1)
 
 
+def run_concurrent(args) -> None:
+    """The schedulers side by side on the wall clock: each in its own process pinned to its
+    own core, on the same trace with the same arrival times. This VM's speed drifts by
+    20-40% within minutes, so schedulers run one after the other meet different loads;
+    side by side they meet the same drift. Repeats rotate which core runs which."""
+    import multiprocessing
+
+    cores = sorted(os.sched_getaffinity(0))
+    names = args.schedulers
+    if len(names) > len(cores):
+        raise SystemExit(f"--concurrent runs each scheduler on its own core: {len(names)} "
+                         f"schedulers but only {len(cores)} cores")
+    context = multiprocessing.get_context("spawn")  # a fresh JAX per process and core
+    pipes = []
+    for core in cores[: len(names)]:
+        ours, theirs = context.Pipe()
+        context.Process(target=_concurrent_worker, args=(core, args, theirs),
+                        daemon=True).start()
+        pipes.append(ours)
+    results, summaries, ratios = {}, {}, []
+    for repeat in range(args.repeats):
+        for pipe in pipes:
+            pipe.send("calibrate")
+        measured = [pipe.recv() for pipe in pipes]  # (capacity, wall / modelled time)
+        rate = args.rate or args.load * float(np.mean([c / o for c, o in measured]))
+        print(f"pair #{repeat + 1}: capacity " + ", ".join(
+            f"{c:.2f} requests/s at {o:.2f}x modelled time" for c, o in measured)
+            + f" -> {rate:.2f} requests/s", flush=True)
+        shift = repeat % len(names)
+        order = names[shift:] + names[:shift]
+        start = time.time() + 1.0
+        for pipe, name in zip(pipes, order, strict=True):
+            pipe.send((name, rate, start))
+        keys = []
+        for pipe, name, (capacity, overhead) in zip(pipes, order, measured, strict=True):
+            records, stats = pipe.recv()
+            key = f"{name} side by side #{repeat + 1} (core {stats['core']})"
+            summaries[key] = summarize(records, {**stats, "rate": rate, "overhead": overhead,
+                                                "load": rate / capacity * stats["slowdown"]})
+            results.setdefault(name, records)
+            keys.append(key)
+        first, second = (summaries[k] for k in sorted(keys))
+        ratios.append({"runs": f"side by side #{repeat + 1}",
+                       "jct_mean": second["jct_mean"] / first["jct_mean"],
+                       "jct_p99": second["jct_p99"] / first["jct_p99"]})
+        print(f"pair #{repeat + 1}: {sorted(keys)[1]} / {sorted(keys)[0]} mean JCT "
+              f"{ratios[-1]['jct_mean']:.2f}, p99 {ratios[-1]['jct_p99']:.2f}", flush=True)
+    for pipe in pipes:
+        pipe.send(None)
+    print_table(summaries)
+    plot(results, args.plot)
+    print(f"plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "summaries": summaries, "ratios": ratios}, f,
+                      indent=1)
+
+
+def _concurrent_worker(core: int, args, pipe) -> None:
+    """One side of `run_concurrent`: calibrates or runs one scheduler when told to."""
+    os.sched_setaffinity(0, {core})  # before JAX starts: its thread pools fit one core
+    loaded = load(args.workdir)
+    engine = make_engine(loaded, args.slots, args.max_batch)
+    text, lengths = _eval_text(loaded), _lengths(args, loaded)
+    unit = make_workload(args.requests, 1.0, args.seed, **lengths)
+    prompts = prompts_from_text(text, unit.prompt_lengths, args.seed)
+    capacity = 1.0 / _work(engine, unit)
+    while (message := pipe.recv()) is not None:
+        if message == "calibrate":
+            pipe.send((capacity, _overhead(engine, loaded, text, args, lengths, unit,
+                                           prompts, capacity)))
+            continue
+        name, rate, start = message
+        workload = Workload(unit.arrivals / rate, unit.prompt_lengths, unit.output_lengths)
+        time.sleep(max(0.0, start - time.time()))
+        records, stats = run_engine(engine, loaded, workload, prompts, name, args, False)
+        pipe.send((records, {**stats, "core": core}))
+
+
+def _eval_text(loaded) -> str:
+    """The eval split's text, where prompts are cut from."""
+    return "".join(loaded.tokenizer.decode(row) for b in loaded.eval_batches
+                   for row in b["inputs"])
+
+
 def _describe(w: Workload) -> None:
     o = w.output_lengths
     print(f"{len(o)} requests; prompt length mean {w.prompt_lengths.mean():.0f} (max "
@@ -314,12 +405,14 @@ def _lengths(args, loaded) -> dict:
 
 def _work(engine, w: Workload) -> float:
     """Mean modelled seconds of work per request of this trace at full batch: its prefill
-    plus its decode steps shared by the running batch (`max_batch` jobs per step). One
-    over it is the capacity, so offered load is exact for the trace, not for the
-    distribution (whose heavy tail makes a trace's mean vary)."""
-    return float(np.mean([engine.estimate_prefill(int(p)) + (int(o) - 1)
-                          * engine.decode_seconds / engine.max_batch
-                          for p, o in zip(w.prompt_lengths, w.output_lengths, strict=True)]))
+    plus its decode steps shared by the running batch (`max_batch` jobs per step), each
+    priced at the positions the request itself has written by then (a step reads as many
+    as its longest row has, so this is a lower bound). One over it is the capacity; the
+    mean is this trace's, not the distribution's (whose heavy tail makes a trace's mean
+    vary)."""
+    return float(np.mean([engine.estimate_prefill(int(p)) + sum(
+        engine.estimate_decode(int(p) + k) for k in range(int(o) - 1)) / engine.max_batch
+        for p, o in zip(w.prompt_lengths, w.output_lengths, strict=True)]))
 
 
 def _overhead(engine, loaded, text, args, lengths, unit: Workload, prompts: list[str],

@@ -69,7 +69,7 @@ class Costs:
     """Seconds each kind of engine work takes, by padded width (measured by `warmup`)."""
 
     prefill: dict[int, float] = dataclasses.field(default_factory=dict)  # prompt bucket
-    decode: float = 0.0  # one step of the running batch
+    decode: dict[int, float] = dataclasses.field(default_factory=dict)  # positions read
     swap_out: dict[int, float] = dataclasses.field(default_factory=dict)  # row bucket
     swap_in: dict[int, float] = dataclasses.field(default_factory=dict)
 
@@ -135,11 +135,20 @@ class Engine:
         self.costs = clock.costs if isinstance(clock, CostClock) else Costs()
         self._read_row = jax.jit(_read_row, static_argnums=2)
         self._write_row = jax.jit(_write_row, donate_argnums=0)
-        self._decode_rows = jax.jit(functools.partial(_decode_rows, decoder), donate_argnums=1)
+        self._decode_rows = jax.jit(functools.partial(_decode_rows, decoder), donate_argnums=1,
+                                    static_argnames="width")
 
-    @property
-    def decode_seconds(self) -> float:
-        return self.costs.decode
+    def decode_width(self, length: int) -> int:
+        """Cache positions a decode step reads when its longest row holds `length`
+        tokens: a gathered step reads only the written positions (rounded up to a power
+        of two, few compiled shapes), a step over every row in place reads them all."""
+        if self.max_batch == self.slots:
+            return self.block
+        return min(bucket(length + 1), self.block)
+
+    def estimate_decode(self, length: int) -> float:
+        """The measured time of a decode step whose longest row holds `length` tokens."""
+        return self.costs.decode.get(self.decode_width(length), 0.0)
 
     # -- submitting -----------------------------------------------------------------
     def submit(self, prompt: list[int], options: SamplingParams, on_event=None,
@@ -287,10 +296,11 @@ class Engine:
         for i, job in enumerate(jobs):
             rows[i], tokens[i], lengths[i], active[i] = job.slot, job.out[-1], job.length, True
         padded = jobs + [None] * (self.max_batch - len(jobs))  # padding rows sample greedily
+        width = self.decode_width(int(lengths.max()))
         new, self.cache = self._decode_rows(self.params, self.cache, rows, tokens, lengths,
-                                            active, *_sampling_arrays(padded))
+                                            active, *_sampling_arrays(padded), width=width)
         new = np.asarray(new)
-        self._charge("decode")
+        self._charge("decode", width)
         for job in jobs:
             job.length += 1
         self._emit(jobs, new[: len(jobs)])
@@ -306,7 +316,7 @@ class Engine:
         new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
                                                      active, *_sampling_arrays(by_slot))
         new = np.asarray(new)
-        self._charge("decode")
+        self._charge("decode", self.block)
         for job in jobs:
             job.length += 1
         self._emit(jobs, new[[job.slot for job in jobs]])
@@ -374,7 +384,8 @@ class Engine:
     # -- warmup and the background loop -------------------------------------------------
     def warmup(self) -> None:
         """Compiles every prefill width, the decode step and the swaps; times each (the
-        median of three calls after the compiling one), wall-clock whatever `clock` is."""
+        median of seven calls after three untimed ones: the first calls after compiling
+        run slower than steady state), wall-clock whatever `clock` is."""
         widths, width = [], 16
         while width < self.block:
             widths.append(width)
@@ -383,11 +394,11 @@ class Engine:
 
         def timed(fn):
             times = []
-            for _ in range(4):
+            for _ in range(10):
                 t = time.perf_counter()
                 jax.block_until_ready(fn())
                 times.append(time.perf_counter() - t)
-            return float(np.median(times[1:]))
+            return float(np.median(times[3:]))
 
         def prefill(width):
             logits, self.cache = self.decoder.prefill(
@@ -395,15 +406,17 @@ class Engine:
                 np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
             return self._sample(logits, [None])
 
-        def decode():
+        def decode(width):
             zeros = np.zeros(self.max_batch, np.int32)
             active, sampling = np.ones(self.max_batch, bool), [None] * self.max_batch
             if self.max_batch == self.slots:
                 new, self.cache = self.decoder.decode_sample(
                     self.params, self.cache, zeros, zeros, active, *_sampling_arrays(sampling))
-            else:
-                new, self.cache = self._decode_rows(self.params, self.cache, zeros, zeros,
-                                                    zeros, active, *_sampling_arrays(sampling))
+            else:  # distinct rows, as a step of running jobs reads them
+                rows = np.arange(self.max_batch, dtype=np.int32)
+                new, self.cache = self._decode_rows(self.params, self.cache, rows, zeros,
+                                                    zeros, active, *_sampling_arrays(sampling),
+                                                    width=width)
             return np.asarray(new)
 
         def swap_out(width):
@@ -416,7 +429,8 @@ class Engine:
         costs = Costs()
         for width in tqdm(widths, desc="compile", leave=False):
             costs.prefill[width] = timed(lambda w=width: prefill(w))
-        costs.decode = timed(decode)
+        for width in sorted({self.decode_width(w - 1) for w in widths}):
+            costs.decode[width] = timed(lambda w=width: decode(w))
         for width in widths:
             rows = swap_out(width)
             length = rows[0].keys.shape[1]  # swaps are keyed by rows actually moved
@@ -462,17 +476,21 @@ def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:
             np.array([len(j.out) if j is not None else 0 for j in jobs], np.int32))
 
 
-def _decode_rows(decoder: Decoder, params, cache, rows, tokens, lengths, active, *sampling):
-    """`decode_sample` over cache rows `rows` (batch,) only; writes back the one position
-    each active row wrote (inactive rows write nothing, so padding may repeat a row)."""
+def _decode_rows(decoder: Decoder, params, cache, rows, tokens, lengths, active, *sampling,
+                 width: int):
+    """`decode_sample` over positions [0, width) of cache rows `rows` (batch,) only (every
+    active row's length must be below `width`); writes back the one position each active
+    row wrote (inactive rows write nothing, so padding may repeat a row). Reading only
+    the written positions keeps a step's memory traffic small: gathering whole rows of
+    rows that change every step (as under MLFQ) made a step 16% slower."""
     block = decoder.config.block_size
-    part = [jax.tree.map(lambda x: x[rows], layer) for layer in cache]
+    part = [jax.tree.map(lambda x: x[rows, :, :width], layer) for layer in cache]
     new, part = decoder._decode_sample(params, part, tokens, lengths, active, *sampling)
     at = jnp.where(active, lengths, block)
     index = jnp.arange(rows.shape[0])
 
     def put(full, row):
-        written = row[index, :, jnp.minimum(at, block - 1)]  # (batch, heads, head_dim)
+        written = row[index, :, jnp.minimum(at, width - 1)]  # (batch, heads, head_dim)
         return full.at[rows, :, at].set(written, mode="drop")
 
     return new, [jax.tree.map(put, layer, new_layer) for layer, new_layer in

@@ -268,7 +268,7 @@ def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize:
     engine = Engine(decoder, params, make_scheduler("fcfs"), slots=slots, max_batch=max_batch,
                     max_jobs=max_jobs, detokenize=lambda ids: loaded.tokenizer.decode(ids))
     engine.warmup()
-    base = max(engine.estimate_prefill(1), engine.decode_seconds)
+    base = max(engine.estimate_prefill(1), engine.estimate_decode(1))
     engine.scheduler = make_scheduler(scheduler, base_quantum=base,
                                       starvation=starvation or 100 * base)
     return engine
