@@ -92,6 +92,29 @@ def test_bidirectional_backward_half_equals_forward_on_reversed_input():
         np.testing.assert_allclose(out[row, :length, :hidden], np.asarray(fwd)[0], atol=1e-6)
 
 
+def test_embedding_lookup_path_equals_projecting_embedded_tokens():
+    """Layer 0 of an LM without embedding dropout looks its input projections up in
+    embedding @ w_i + b_i: outputs and gradients equal projecting the embedded tokens."""
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, 11, size=(3, 9)), jnp.int32)
+    embedding = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+    layer = rnn.RecurrentLayer("lstm", 6)
+    params = nn.unbox(layer.init(jax.random.key(0), embedding[tokens]))["params"]
+    params = {k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+
+    def loss(params, embedding, lookup):
+        xs, kw = (tokens, {"embedding": embedding}) if lookup else (embedding[tokens], {})
+        outs, (h, c) = layer.apply({"params": params}, xs, **kw)
+        return jnp.sum(outs * jnp.cos(outs)) + jnp.sum(h * c)
+
+    (want, want_grads), (got, got_grads) = (
+        jax.value_and_grad(loss, argnums=(0, 1))(params, embedding, lookup)
+        for lookup in (False, True))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_truncated_bptt_chunks_equal_one_pass(cell):
     config = rnn.RNNConfig(cell=cell, vocab_size=11, embed_dim=8, hidden_dim=12, num_layers=2,
