@@ -140,11 +140,13 @@ class Engine:
 
     def decode_width(self, length: int) -> int:
         """Cache positions a decode step reads when its longest row holds `length`
-        tokens: a gathered step reads only the written positions (rounded up to a power
-        of two, few compiled shapes), a step over every row in place reads them all."""
-        if self.max_batch == self.slots:
-            return self.block
+        tokens: only the written ones, rounded up to a power of two (few compiled shapes)."""
         return min(bucket(length + 1), self.block)
+
+    def _in_place(self, width: int) -> bool:
+        """A step over every row and every position runs on the cache in place (a gather
+        would copy all of it)."""
+        return self.max_batch == self.slots and width == self.block
 
     def estimate_decode(self, length: int) -> float:
         """The measured time of a decode step whose longest row holds `length` tokens."""
@@ -284,10 +286,10 @@ class Engine:
         self._emit([job], tokens)
 
     def _decode(self, jobs: list[Job]) -> None:
-        """One decode step of the running jobs, over their rows only (padded to
-        `max_batch` rows, so one compiled shape serves every step). With as many rows as
-        running jobs the step runs over the cache in place: nothing to gather."""
-        if self.max_batch == self.slots:
+        """One decode step of the running jobs, over their rows' written positions only
+        (padded to `max_batch` rows, so one compiled shape per width serves every step)."""
+        width = self.decode_width(max(job.length for job in jobs))
+        if self._in_place(width):
             return self._decode_every_row(jobs)
         rows = np.zeros(self.max_batch, np.int32)
         tokens = np.zeros(self.max_batch, np.int32)
@@ -296,7 +298,6 @@ class Engine:
         for i, job in enumerate(jobs):
             rows[i], tokens[i], lengths[i], active[i] = job.slot, job.out[-1], job.length, True
         padded = jobs + [None] * (self.max_batch - len(jobs))  # padding rows sample greedily
-        width = self.decode_width(int(lengths.max()))
         new, self.cache = self._decode_rows(self.params, self.cache, rows, tokens, lengths,
                                             active, *_sampling_arrays(padded), width=width)
         new = np.asarray(new)
@@ -409,7 +410,7 @@ class Engine:
         def decode(width):
             zeros = np.zeros(self.max_batch, np.int32)
             active, sampling = np.ones(self.max_batch, bool), [None] * self.max_batch
-            if self.max_batch == self.slots:
+            if self._in_place(width):
                 new, self.cache = self.decoder.decode_sample(
                     self.params, self.cache, zeros, zeros, active, *_sampling_arrays(sampling))
             else:  # distinct rows, as a step of running jobs reads them
@@ -429,7 +430,7 @@ class Engine:
         costs = Costs()
         for width in tqdm(widths, desc="compile", leave=False):
             costs.prefill[width] = timed(lambda w=width: prefill(w))
-        for width in sorted({self.decode_width(w - 1) for w in widths}):
+        for width in sorted({min(w, self.block) for w in widths}):
             costs.decode[width] = timed(lambda w=width: decode(w))
         for width in widths:
             rows = swap_out(width)
