@@ -135,6 +135,8 @@ class Engine:
         self.costs = clock.costs if isinstance(clock, CostClock) else Costs()
         self._read_row = jax.jit(_read_row, static_argnums=2)
         self._write_row = jax.jit(_write_row, donate_argnums=0)
+        # Before warmup: in place only when a gather would copy the whole cache.
+        self._in_place_widths = {self.block} if self.max_batch == slots else set()
         self._decode_rows = jax.jit(functools.partial(_decode_rows, decoder), donate_argnums=1,
                                     static_argnames="width")
 
@@ -144,9 +146,10 @@ class Engine:
         return min(bucket(length + 1), self.block)
 
     def _in_place(self, width: int) -> bool:
-        """A step over every row and every position runs on the cache in place (a gather
-        would copy all of it)."""
-        return self.max_batch == self.slots and width == self.block
+        """Whether a step of this width runs over every row of the cache in place (reading
+        all positions) rather than on a gathered copy of the positions it needs; only
+        possible when every row runs, and chosen by `warmup`'s timings of both."""
+        return width in self._in_place_widths
 
     def estimate_decode(self, length: int) -> float:
         """The measured time of a decode step whose longest row holds `length` tokens."""
@@ -290,7 +293,7 @@ class Engine:
         (padded to `max_batch` rows, so one compiled shape per width serves every step)."""
         width = self.decode_width(max(job.length for job in jobs))
         if self._in_place(width):
-            return self._decode_every_row(jobs)
+            return self._decode_every_row(jobs, width)
         rows = np.zeros(self.max_batch, np.int32)
         tokens = np.zeros(self.max_batch, np.int32)
         lengths = np.zeros(self.max_batch, np.int32)
@@ -306,7 +309,7 @@ class Engine:
             job.length += 1
         self._emit(jobs, new[: len(jobs)])
 
-    def _decode_every_row(self, jobs: list[Job]) -> None:
+    def _decode_every_row(self, jobs: list[Job], width: int) -> None:
         tokens = np.zeros(self.slots, np.int32)
         lengths = np.zeros(self.slots, np.int32)
         active = np.zeros(self.slots, bool)
@@ -317,7 +320,7 @@ class Engine:
         new, self.cache = self.decoder.decode_sample(self.params, self.cache, tokens, lengths,
                                                      active, *_sampling_arrays(by_slot))
         new = np.asarray(new)
-        self._charge("decode", self.block)
+        self._charge("decode", width)
         for job in jobs:
             job.length += 1
         self._emit(jobs, new[[job.slot for job in jobs]])
@@ -407,10 +410,10 @@ class Engine:
                 np.zeros(1, np.int32), np.array([min(width, self.block)], np.int32))
             return self._sample(logits, [None])
 
-        def decode(width):
+        def decode(width, in_place):
             zeros = np.zeros(self.max_batch, np.int32)
             active, sampling = np.ones(self.max_batch, bool), [None] * self.max_batch
-            if self._in_place(width):
+            if in_place:
                 new, self.cache = self.decoder.decode_sample(
                     self.params, self.cache, zeros, zeros, active, *_sampling_arrays(sampling))
             else:  # distinct rows, as a step of running jobs reads them
@@ -430,8 +433,18 @@ class Engine:
         costs = Costs()
         for width in tqdm(widths, desc="compile", leave=False):
             costs.prefill[width] = timed(lambda w=width: prefill(w))
+        # With every row running, a narrow step on a gathered copy beats the whole cache
+        # in place (4.6 against 7.5 ms for 16 rows at 64 of 512 positions here), a wide
+        # one does not (9.0 at 256): each width takes whichever was faster.
+        whole = timed(lambda: decode(self.block, True)) if self.max_batch == self.slots \
+            else float("inf")
+        self._in_place_widths = set()
         for width in sorted({min(w, self.block) for w in widths}):
-            costs.decode[width] = timed(lambda w=width: decode(w))
+            gathered = timed(lambda w=width: decode(w, False)) if width < self.block or \
+                whole == float("inf") else float("inf")
+            costs.decode[width] = min(gathered, whole)
+            if whole <= gathered:
+                self._in_place_widths.add(width)
         for width in widths:
             rows = swap_out(width)
             length = rows[0].keys.shape[1]  # swaps are keyed by rows actually moved
