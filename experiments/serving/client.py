@@ -231,6 +231,8 @@ def main() -> None:
                              "its own process on its own core, --repeats times (cores swap)")
     args = parser.parse_args()
     if args.concurrent:
+        if args.url is not None:
+            parser.error("--concurrent drives engines in this machine's processes, not --url")
         return run_concurrent(args)
     loaded = load(args.workdir)
     text = _eval_text(loaded)
@@ -321,7 +323,15 @@ def run_concurrent(args) -> None:
         ours, theirs = context.Pipe()
         context.Process(target=_concurrent_worker, args=(core, args, theirs),
                         daemon=True).start()
+        theirs.close()  # so that a worker's death ends our reads
         pipes.append(ours)
+    try:
+        _side_by_side(args, names, pipes)
+    except (EOFError, ConnectionError):
+        raise SystemExit("a side-by-side worker process died (its error is above)") from None
+
+
+def _side_by_side(args, names: list[str], pipes) -> None:
     results, summaries, ratios = {}, {}, []
     for repeat in range(args.repeats):
         for pipe in pipes:
