@@ -150,8 +150,8 @@ def test_cost_clock_charges_the_modelled_work():
     """On a CostClock time moves by the modelled costs only: a 3-token prompt (bucket 16)
     and 5 new tokens take one prefill and four decode steps."""
     decoder, params = _setup()
-    costs = Costs(prefill={16: 2.5, 32: 4.0}, decode={16: 1.0, 32: 1.0}, swap_out={16: 0.5, 32: 0.5},
-                  swap_in={16: 0.25, 32: 0.25})
+    costs = Costs(prefill={16: 2.5, 32: 4.0}, decode={16: 1.0, 32: 1.0},
+                  swap_out={16: 0.5, 32: 0.5}, swap_in={16: 0.25, 32: 0.25})
     clock = CostClock(costs)
     engine = Engine(decoder, params, FCFS(), slots=2, clock=clock)
     assert engine.estimate_prefill(3) == 2.5 and engine.estimate_prefill(20) == 4.0

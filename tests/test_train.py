@@ -75,5 +75,5 @@ def test_checkpoint_without_carry_entry_restores(tmp_path):
     reader = Checkpointer(str(tmp_path), read_only=True)
     restored, meta = reader.restore(7, as_abstract(state, shardings))
     assert meta == {"note": "no carry"} and restored.carry is None
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(got, want)

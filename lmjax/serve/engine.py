@@ -433,15 +433,15 @@ class Engine:
         costs = Costs()
         for width in tqdm(widths, desc="compile", leave=False):
             costs.prefill[width] = timed(lambda w=width: prefill(w))
-        # With every row running, a narrow step on a gathered copy beats the whole cache
-        # in place (4.6 against 7.5 ms for 16 rows at 64 of 512 positions here), a wide
-        # one does not (9.0 at 256): each width takes whichever was faster.
-        whole = timed(lambda: decode(self.block, True)) if self.max_batch == self.slots \
-            else float("inf")
+        # With every row running, a narrow step on a gathered copy can beat reading the
+        # whole cache in place, a wide one cannot (the gather copies what it reads): each
+        # width takes whichever was faster. A gather of every full row is never timed.
+        every_row = self.max_batch == self.slots
+        whole = timed(lambda: decode(self.block, True)) if every_row else float("inf")
         self._in_place_widths = set()
         for width in sorted({min(w, self.block) for w in widths}):
-            gathered = timed(lambda w=width: decode(w, False)) if width < self.block or \
-                whole == float("inf") else float("inf")
+            gathered = float("inf") if every_row and width == self.block else \
+                timed(lambda w=width: decode(w, False))
             costs.decode[width] = min(gathered, whole)
             if whole <= gathered:
                 self._in_place_widths.add(width)
@@ -495,8 +495,8 @@ def _decode_rows(decoder: Decoder, params, cache, rows, tokens, lengths, active,
     """`decode_sample` over positions [0, width) of cache rows `rows` (batch,) only (every
     active row's length must be below `width`); writes back the one position each active
     row wrote (inactive rows write nothing, so padding may repeat a row). Reading only
-    the written positions keeps a step's memory traffic small: gathering whole rows of
-    rows that change every step (as under MLFQ) made a step 16% slower."""
+    the written positions keeps a step's memory traffic small: gathering whole rows
+    made a step slower when the rows changed from step to step (as under MLFQ)."""
     block = decoder.config.block_size
     part = [jax.tree.map(lambda x: x[rows, :, :width], layer) for layer in cache]
     new, part = decoder._decode_sample(params, part, tokens, lengths, active, *sampling)
