@@ -245,8 +245,12 @@ def test_hand_written_backward_equals_autodiff(cell, reverse):
     got = jax.grad(functools.partial(loss, rnn.recurrent_scan), argnums=(0, 1, 2, 3))(*args)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(loss(rnn.recurrent_scan, *args), loss(rnn.reference_scan, *args),
-                               rtol=1e-6)
+    # Forward values element by element (the loss is a sum whose terms cancel, so its
+    # relative error says little about them).
+    got, want = (scan(cell, reverse, 1, *args, resets, mask)
+                 for scan in (rnn.recurrent_scan, rnn.reference_scan))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_resume_with_another_batch_size_names_the_carried_state(tmp_path):

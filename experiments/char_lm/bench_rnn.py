@@ -4,7 +4,9 @@
 (lr 2e-3, decay 0.95) with global-norm clipping at 5. Prints ms/step and tokens/s for
 
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
-  with the truncated-BPTT task: carried state, hoisted input projections, fused gates);
+  with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
+  the recurrence in the compiled CPU kernel of lmjax/models/lstm_cpu.cc);
+* lmjax-xla: the same step with the recurrence as lmjax's XLA scan (the kernel off);
 * flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))`, same sizes and optimiser;
 * torch: `nn.LSTM(128, 128, num_layers=2)` (skipped with a message if torch is missing).
 
@@ -27,7 +29,7 @@ import optax
 from flax import linen as nn
 
 from lmjax.data.pipelines import load_lm_data
-from lmjax.models import rnn
+from lmjax.models import lstm_cpu, rnn
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 from lmjax.train.state import create_task_state
@@ -37,8 +39,9 @@ HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
 LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 
 
-def lmjax_runner(data, cell: str, unroll: int):
-    """A function running one training step of lmjax's own trainer, and its loss."""
+def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
+    """A function running one training step of lmjax's own trainer, and its loss; without
+    `kernel` the step is compiled with the XLA scan instead of the LSTM CPU kernel."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
                            num_layers=LAYERS, block_size=LENGTH, unroll=unroll)
     train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
@@ -59,6 +62,13 @@ def lmjax_runner(data, cell: str, unroll: int):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             box["state"], metrics = setup.step_fn(box["state"], batch)
         return float(jax.block_until_ready(metrics["loss"]))
+
+    if not kernel:  # the step compiles at its first call: trace it with the kernel off
+        first = step
+
+        def step():
+            with lstm_cpu.disabled():
+                return first()
 
     return step
 
@@ -174,7 +184,9 @@ def main() -> None:
     parser.add_argument("--unroll", type=int, default=1, help="lmjax scan unroll")
     args = parser.parse_args()
     data = load_lm_data("tiny_shakespeare")
-    runners = {"lmjax": lmjax_runner(data, "lstm", args.unroll), "flax": flax_runner(data)}
+    runners = {"lmjax": lmjax_runner(data, "lstm", args.unroll),
+               "lmjax-xla": lmjax_runner(data, "lstm", args.unroll, kernel=False),
+               "flax": flax_runner(data)}
     try:
         import torch
 
@@ -199,11 +211,11 @@ def main() -> None:
         result[name] = {"ms_per_step": ms, "tokens_per_sec": BATCH * LENGTH / ms * 1e3,
                         "first_loss": first_loss[name]}
     reference = result.get("torch")
-    print(f"{'impl':8} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}")
+    print(f"{'impl':9} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}")
     for name, r in result.items():
         ratio = r["tokens_per_sec"] / reference["tokens_per_sec"] if reference else float("nan")
         r["vs_torch"] = ratio
-        print(f"{name:8} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} {ratio:8.2f}x")
+        print(f"{name:9} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} {ratio:8.2f}x")
     print("bench_rnn: " + json.dumps(result, sort_keys=True))
 
 

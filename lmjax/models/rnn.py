@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lmjax.models import layers
+from lmjax.models import layers, lstm_cpu
 from lmjax.models.classifiers import mlp_head
 
 Array = jax.Array
@@ -203,16 +203,26 @@ def _scan_bwd(cell, reverse, unroll, residuals, cotangents):
 _cell_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
+def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True):
     """The LSTM recurrence; residuals: per step the activated gates (i, f, g, o), the
-    carry the step started from, and tanh of the new cell state."""
+    carry the step started from, and tanh of the new cell state. Float32 on the CPU runs
+    the compiled kernel (lstm_cpu.py), anything else the XLA scan below."""
     time, batch, gates, hidden = gates_x.shape
     w = w_h.reshape(hidden, gates * hidden)
     b = b_h.reshape(gates * hidden)
     gx = gates_x.reshape(time, batch, gates * hidden)
-    is_g = (jnp.arange(gates * hidden) // hidden) == 2  # the cell-input gate: tanh
-    keep = (~resets)[..., None].astype(gx.dtype)
-    mask = None if mask is None else mask[..., None]
+    keep = (~resets).astype(gx.dtype)  # (time, batch): 0 where the carry resets
+    mask = None if mask is None else mask.astype(gx.dtype)
+    if lstm_cpu.usable(gx, w, b, *carry):
+        outs, final, residuals = lstm_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask)
+    else:
+        outs, final, residuals = _lstm_xla_fwd(reverse, unroll, gx, w, b, carry, keep, mask)
+    return (outs, final), (w, *residuals, keep, mask)
+
+
+def _lstm_xla_fwd(reverse, unroll, gx, w, b, carry, keep, mask):
+    hidden = w.shape[0]
+    is_g = (jnp.arange(4 * hidden) // hidden) == 2  # the cell-input gate: tanh
 
     def body(carry, step):
         h, c = carry
@@ -228,15 +238,29 @@ def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
         new = (out, c_new) if m is None else (jnp.where(m, out, h), jnp.where(m, c_new, c))
         return new, (out, a, h, c, tc)
 
-    final, (outs, acts, h0s, c0s, tcs) = jax.lax.scan(body, carry, (gx, keep, mask),
-                                                      reverse=reverse, unroll=unroll)
-    return (outs, final), (w, acts, h0s, c0s, tcs, keep, mask)
+    steps = (gx, keep[..., None], None if mask is None else mask[..., None] > 0)
+    final, (outs, acts, h0s, c0s, tcs) = jax.lax.scan(body, carry, steps, reverse=reverse,
+                                                      unroll=unroll)
+    return outs, final, (acts, h0s, c0s, tcs)
 
 
 def _lstm_bwd(reverse, unroll, residuals, cotangents):
     w, acts, h0s, c0s, tcs, keep, mask = residuals
     d_outs, (d_h, d_c) = cotangents
     time, batch, hidden = h0s.shape
+    if lstm_cpu.usable(w, acts, d_outs, d_h, d_c):
+        dzs, d_carry = lstm_cpu.backward(reverse, acts, c0s, tcs, keep, mask, d_outs, w, d_h,
+                                         d_c)
+    else:
+        dzs, d_carry = _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs,
+                                     (d_h, d_c))
+    d_w_h = (h0s.reshape(time * batch, hidden).T @ dzs.reshape(time * batch, 4 * hidden))
+    d_gates = dzs.reshape(time, batch, 4, hidden)
+    return d_w_h.reshape(hidden, 4, hidden), d_gates.sum((0, 1)), d_gates, d_carry, None, None
+
+
+def _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs, d_carry):
+    hidden = w.shape[0]
     dtype = acts.dtype
     p = jnp.concatenate([jnp.zeros((2 * hidden,), dtype), jnp.ones((hidden,), dtype),
                          jnp.zeros((hidden,), dtype)])
@@ -258,18 +282,17 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
         d_c0 = (dcc * f + d_c) * k
         return (d_h0, d_c0), dz
 
-    d_carry, dzs = jax.lax.scan(body, (d_h, d_c), (acts, c0s, tcs, keep, mask, d_outs),
-                                reverse=not reverse, unroll=unroll)
-    d_w_h = (h0s.reshape(time * batch, hidden).T @ dzs.reshape(time * batch, 4 * hidden))
-    d_gates = dzs.reshape(time, batch, 4, hidden)
-    return d_w_h.reshape(hidden, 4, hidden), d_gates.sum((0, 1)), d_gates, d_carry, None, None
+    steps = (acts, c0s, tcs, keep[..., None], None if mask is None else mask[..., None] > 0,
+             d_outs)
+    d_carry, dzs = jax.lax.scan(body, d_carry, steps, reverse=not reverse, unroll=unroll)
+    return dzs, d_carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
     """`reference_scan` for the LSTM with explicit forward and backward passes (see the
     module docstring); `mask` None means no padding."""
-    return _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)[0]
+    return _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=False)[0]
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)

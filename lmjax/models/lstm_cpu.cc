@@ -1,0 +1,411 @@
+// LSTM recurrence for XLA's CPU backend, as two XLA FFI handlers (forward and backward).
+//
+// Why: at char-rnn's size (batch 50, hidden 128) an XLA while loop spends most of each
+// step on the fixed cost of a dozen small kernels (the recurrent product, the gate
+// activations, the writes of the saved activations). Here one call runs the whole time
+// loop: per step one register-blocked product h @ W_h accumulated onto the precomputed
+// input projections, then the gates, written straight into the outputs. Batch rows are
+// independent, so parts of them run on XLA's CPU threads without synchronising.
+//
+// Layout (time-major, row-major, float32): gates are [i, f, g, o] blocks of `hidden`
+// columns (PyTorch's nn.LSTM order), matching lmjax/models/rnn.py. The equations:
+//   h0, c0 = keep * h, keep * c          (keep = 0 where a document starts)
+//   z = gx + b_h + h0 @ W_h;  i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
+//   c1 = f c0 + i g;  out = o tanh(c1);  (h, c) = (out, c1) where mask, else (h0, c0)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf recip(vf x) {
+#ifdef __AVX512F__
+  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(x)));
+  return r * (splat(2.0f) - x * r);  // one Newton step: about 1 ulp
+#else
+  return splat(1.0f) / x;
+#endif
+}
+
+// tanh on 16 lanes as a rational function of x, p(x) / q(x) on [-7.9, 7.9] (the
+// minimax coefficients Eigen and XLA's CPU backend use; a few ulps), sigmoid from it:
+// no exp, one reciprocal. The ragged tail of a row uses <cmath>.
+inline vf vtanh(vf x) {
+  const vf bound = splat(7.90531110763549805f);
+  x = x < bound ? x : bound;
+  x = x > -bound ? x : -bound;
+  vf x2 = x * x;
+  vf p = splat(-2.76076847742355e-16f);
+  p = p * x2 + splat(2.00018790482477e-13f);
+  p = p * x2 + splat(-8.60467152213735e-11f);
+  p = p * x2 + splat(5.12229709037114e-08f);
+  p = p * x2 + splat(1.48572235717979e-05f);
+  p = p * x2 + splat(6.37261928875436e-04f);
+  p = p * x2 + splat(4.89352455891786e-03f);
+  vf q = splat(1.19825839466702e-06f);
+  q = q * x2 + splat(1.18534705686654e-04f);
+  q = q * x2 + splat(2.26843463243900e-03f);
+  q = q * x2 + splat(4.89352518554385e-03f);
+  return x * p * recip(q);
+}
+inline vf vsigmoid(vf x) { return splat(0.5f) + splat(0.5f) * vtanh(splat(0.5f) * x); }
+inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// C (m x n, row stride ldc) += A (m x k, stride lda) @ B (k x n, stride ldb).
+// Register blocks of MR rows x NV * 16 columns; B's panel of 16 NV columns stays in L1
+// while every row block passes over it.
+template <int MR, int NV>
+inline void block(int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  vf acc[MR][NV] = {};
+  for (int p = 0; p < k; ++p) {
+    vf bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + p * ldb + j * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      vf av = splat(a[r * lda + p]);
+      for (int j = 0; j < NV; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) {
+      float* out = c + r * ldc + j * kLanes;
+      store(out, load(out) + acc[r][j]);
+    }
+}
+
+#ifdef __AVX512F__
+constexpr int kMaxRows = 6;  // 6 x 4 accumulators + 4 panel vectors fit 32 registers
+#else
+constexpr int kMaxRows = 3;
+#endif
+
+template <int NV>
+void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, float* c,
+                int ldc) {
+  // Even block heights (25 rows: five blocks of 5, not four of 6 and one of 1).
+  int blocks = (m + kMaxRows - 1) / kMaxRows;
+  for (int r = 0, left = blocks; r < m; --left) {
+    int rows = (m - r + left - 1) / left;
+    const float* ar = a + r * lda;
+    float* cr = c + r * ldc;
+    switch (rows) {
+      case 1: block<1, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 2: block<2, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 3: block<3, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+#ifdef __AVX512F__
+      case 4: block<4, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 5: block<5, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 6: block<6, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+#endif
+    }
+    r += rows;
+  }
+}
+
+void gemm_acc(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c,
+              int ldc) {
+  int col = 0;
+  for (; col + 4 * kLanes <= n; col += 4 * kLanes)
+    row_blocks<4>(m, k, a, lda, b + col, ldb, c + col, ldc);
+  for (; col + kLanes <= n; col += kLanes)
+    row_blocks<1>(m, k, a, lda, b + col, ldb, c + col, ldc);
+  for (; col < n; ++col)  // columns past the last multiple of 16
+    for (int r = 0; r < m; ++r) {
+      float s = 0.0f;
+      for (int p = 0; p < k; ++p) s += a[r * lda + p] * b[p * ldb + col];
+      c[r * ldc + col] += s;
+    }
+}
+
+// Runs fn(row_begin, row_end) over batch rows split into contiguous parts of about 10
+// rows. The parts go to XLA's own CPU thread pool (whose idle threads would otherwise spin
+// beside ours) and to the calling thread, each taking the next unclaimed part; nobody
+// waits for a part nobody has started, so a pool thread busy with another XLA op joins
+// when it is free and never stalls the call.
+template <typename F>
+void parallel_rows(ffi::ThreadPool& pool, int rows, F fn) {
+  const int parts = std::max(1, rows / 10), helpers = std::min(int(pool.num_threads()), parts - 1);
+  if (helpers <= 0) return fn(0, rows);
+  struct Shared {
+    std::atomic<int> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, parts, rows, fn] {
+    int p;
+    while ((p = shared->next.fetch_add(1)) < parts) {
+      fn(rows * p / parts, rows * (p + 1) / parts);
+      if (shared->done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        shared->cv.notify_all();
+      }
+    }
+  };
+  for (int p = 0; p < helpers; ++p) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == parts; });
+}
+
+struct Dims {
+  int time, batch, hidden;
+  int gates() const { return 4 * hidden; }
+};
+
+// Time index of the s-th step in the direction of the recurrence.
+inline int at(int s, int time, bool reverse) { return reverse ? time - 1 - s : s; }
+
+struct Forward {
+  Dims d;
+  bool reverse, save;
+  const float *gx, *w, *bias, *h_init, *c_init, *keep, *mask;
+  float *outs, *h_last, *c_last, *acts, *h_starts, *c_starts, *tanh_c;
+
+  void rows(int r0, int r1) const {
+    const int H = d.hidden, G = d.gates(), B = d.batch, m = r1 - r0;
+    std::vector<float> z(m * G), h0(m * H), c(m * H);
+    std::copy(h_init + r0 * H, h_init + r1 * H, h0.begin());
+    std::copy(c_init + r0 * H, c_init + r1 * H, c.begin());
+    for (int s = 0; s < d.time; ++s) {
+      const int t = at(s, d.time, reverse);
+      for (int r = 0; r < m; ++r) {
+        const float k = keep[t * B + r0 + r];
+        for (int j = 0; j < H; ++j) h0[r * H + j] *= k, c[r * H + j] *= k;
+        const float* g = gx + (size_t(t) * B + r0 + r) * G;
+        for (int j = 0; j < G; ++j) z[r * G + j] = g[j] + bias[j];
+      }
+      if (save) {
+        std::copy(h0.begin(), h0.end(), h_starts + (size_t(t) * B + r0) * H);
+        std::copy(c.begin(), c.end(), c_starts + (size_t(t) * B + r0) * H);
+      }
+      gemm_acc(m, G, H, h0.data(), H, w, G, z.data(), G);
+      for (int r = 0; r < m; ++r) cell(t, r0 + r, z.data() + r * G, h0.data() + r * H,
+                                       c.data() + r * H);
+    }
+    std::copy(h0.begin(), h0.end(), h_last + r0 * H);
+    std::copy(c.begin(), c.end(), c_last + r0 * H);
+  }
+
+  // One row of one step: z (gates) -> new h (in h) and c (in c), outputs and residuals.
+  void cell(int t, int row, float* z, float* h, float* c) const {
+    const int H = d.hidden;
+    const size_t idx = size_t(t) * d.batch + row;
+    const bool take = mask == nullptr || mask[idx] != 0.0f;
+    float* out = outs + idx * H;
+    float* tc = save ? tanh_c + idx * H : nullptr;
+    int j = 0;
+    for (; j + kLanes <= H; j += kLanes) {
+      vf i = vsigmoid(load(z + j)), f = vsigmoid(load(z + H + j));
+      vf g = vtanh(load(z + 2 * H + j)), o = vsigmoid(load(z + 3 * H + j));
+      vf c1 = f * load(c + j) + i * g, t1 = vtanh(c1), h1 = o * t1;
+      store(z + j, i), store(z + H + j, f), store(z + 2 * H + j, g), store(z + 3 * H + j, o);
+      store(out + j, h1);
+      if (tc) store(tc + j, t1);
+      if (take) store(h + j, h1), store(c + j, c1);
+    }
+    for (; j < H; ++j) {
+      float i = ssigmoid(z[j]), f = ssigmoid(z[H + j]), g = std::tanh(z[2 * H + j]);
+      float o = ssigmoid(z[3 * H + j]);
+      float c1 = f * c[j] + i * g, t1 = std::tanh(c1), h1 = o * t1;
+      z[j] = i, z[H + j] = f, z[2 * H + j] = g, z[3 * H + j] = o;
+      out[j] = h1;
+      if (tc) tc[j] = t1;
+      if (take) h[j] = h1, c[j] = c1;
+    }
+    if (save) std::copy(z, z + 4 * H, acts + idx * 4 * H);
+  }
+};
+
+struct Backward {
+  Dims d;
+  bool reverse;
+  const float *acts, *c_starts, *tanh_c, *keep, *mask, *d_outs, *w_t, *dh_last, *dc_last;
+  float *dz, *dh_init, *dc_init;
+
+  void rows(int r0, int r1) const {
+    const int H = d.hidden, G = d.gates(), m = r1 - r0;
+    std::vector<float> dh(m * H), dc(m * H), pass_h(m * H), pass_c(m * H);
+    std::copy(dh_last + r0 * H, dh_last + r1 * H, dh.begin());
+    std::copy(dc_last + r0 * H, dc_last + r1 * H, dc.begin());
+    for (int s = d.time - 1; s >= 0; --s) {  // the forward steps, last first
+      const int t = at(s, d.time, reverse);
+      for (int r = 0; r < m; ++r)
+        cell(t, r0 + r, dh.data() + r * H, dc.data() + r * H, pass_h.data() + r * H,
+             pass_c.data() + r * H);
+      float* dz_t = dz + (size_t(t) * d.batch + r0) * G;
+      // dh0 = (dz @ W_h^T + passed dh) * keep; pass_h holds the passed part.
+      gemm_acc(m, H, G, dz_t, G, w_t, H, pass_h.data(), H);
+      for (int r = 0; r < m; ++r) {
+        const float k = keep[t * d.batch + r0 + r];
+        for (int j = 0; j < H; ++j) {
+          dh[r * H + j] = pass_h[r * H + j] * k;
+          dc[r * H + j] = pass_c[r * H + j] * k;
+        }
+      }
+    }
+    std::copy(dh.begin(), dh.end(), dh_init + r0 * H);
+    std::copy(dc.begin(), dc.end(), dc_init + r0 * H);
+  }
+
+  // One row of one step: (dh, dc) flowing into the step's new carry -> dz, and in
+  // pass_h / pass_c the gradients reaching h0 and c0 other than through h0 @ W_h
+  // (before the keep multiply).
+  void cell(int t, int row, const float* dh, const float* dc, float* pass_h,
+            float* pass_c) const {
+    const size_t idx = size_t(t) * d.batch + row;
+    if (mask == nullptr || mask[idx] != 0.0f)
+      cell_step<true>(idx, dh, dc, pass_h, pass_c);
+    else  // padding kept the old carry, so its gradient passes straight through
+      cell_step<false>(idx, dh, dc, pass_h, pass_c);
+  }
+
+  template <bool take, typename V>
+  static inline void grads(V dh, V dc, V d_out, V i, V f, V g, V o, V c0, V tc, V& zi, V& zf,
+                           V& zg, V& zo, V& ph, V& pc) {
+    V one = V{} + 1.0f, zero = V{};
+    V dh1 = (take ? dh : zero) + d_out, dc1 = take ? dc : zero;
+    V dcc = dc1 + dh1 * o * (one - tc * tc);
+    zi = dcc * g * i * (one - i);
+    zf = dcc * c0 * f * (one - f);
+    zg = dcc * i * (one - g * g);
+    zo = dh1 * tc * o * (one - o);
+    ph = take ? zero : dh;
+    pc = dcc * f + (take ? zero : dc);
+  }
+
+  template <bool take>
+  void cell_step(size_t idx, const float* dh, const float* dc, float* pass_h,
+                 float* pass_c) const {
+    const int H = d.hidden;
+    const float* a = acts + idx * 4 * H;
+    const float* c0 = c_starts + idx * H;
+    const float* tc = tanh_c + idx * H;
+    const float* d_out = d_outs + idx * H;
+    float* z = dz + idx * 4 * H;
+    int j = 0;
+    for (; j + kLanes <= H; j += kLanes) {
+      vf zi, zf, zg, zo, ph, pc;
+      grads<take>(load(dh + j), load(dc + j), load(d_out + j), load(a + j), load(a + H + j),
+                  load(a + 2 * H + j), load(a + 3 * H + j), load(c0 + j), load(tc + j), zi,
+                  zf, zg, zo, ph, pc);
+      store(z + j, zi), store(z + H + j, zf), store(z + 2 * H + j, zg);
+      store(z + 3 * H + j, zo), store(pass_h + j, ph), store(pass_c + j, pc);
+    }
+    for (; j < H; ++j)
+      grads<take>(dh[j], dc[j], d_out[j], a[j], a[H + j], a[2 * H + j], a[3 * H + j], c0[j],
+                  tc[j], z[j], z[H + j], z[2 * H + j], z[3 * H + j], pass_h[j], pass_c[j]);
+  }
+};
+
+const float* optional(ffi::Buffer<ffi::F32>& b) {
+  return b.element_count() == 0 ? nullptr : b.typed_data();
+}
+
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h_init,
+                           ffi::Buffer<ffi::F32> c_init, ffi::Buffer<ffi::F32> keep,
+                           ffi::Buffer<ffi::F32> mask, bool reverse, bool save,
+                           ffi::ResultBuffer<ffi::F32> outs, ffi::ResultBuffer<ffi::F32> h_last,
+                           ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> acts,
+                           ffi::ResultBuffer<ffi::F32> h_starts,
+                           ffi::ResultBuffer<ffi::F32> c_starts,
+                           ffi::ResultBuffer<ffi::F32> tanh_c) {
+  auto dims = gx.dimensions();
+  if (dims.size() != 3 || dims[2] % 4 != 0)
+    return ffi::Error::InvalidArgument("gx must be (time, batch, 4 hidden)");
+  Dims d{int(dims[0]), int(dims[1]), int(dims[2] / 4)};
+  if (w.element_count() != size_t(d.hidden) * d.gates() ||
+      h_init.element_count() != size_t(d.batch) * d.hidden ||
+      keep.element_count() != size_t(d.time) * d.batch)
+    return ffi::Error::InvalidArgument("LSTM kernel: inconsistent operand shapes");
+  Forward f{d, reverse, save, gx.typed_data(), w.typed_data(), bias.typed_data(),
+            h_init.typed_data(), c_init.typed_data(), keep.typed_data(), optional(mask),
+            outs->typed_data(), h_last->typed_data(), c_last->typed_data(),
+            acts->typed_data(), h_starts->typed_data(), c_starts->typed_data(),
+            tanh_c->typed_data()};
+  parallel_rows(pool, d.batch, [&f](int r0, int r1) { f.rows(r0, r1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_starts,
+                            ffi::Buffer<ffi::F32> tanh_c, ffi::Buffer<ffi::F32> keep,
+                            ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> d_outs,
+                            ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> dh_last,
+                            ffi::Buffer<ffi::F32> dc_last, bool reverse,
+                            ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh_init,
+                            ffi::ResultBuffer<ffi::F32> dc_init) {
+  auto dims = d_outs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("d_outs must be (time, batch, hidden)");
+  Dims d{int(dims[0]), int(dims[1]), int(dims[2])};
+  if (acts.element_count() != size_t(d.time) * d.batch * d.gates() ||
+      w_t.element_count() != size_t(d.hidden) * d.gates())
+    return ffi::Error::InvalidArgument("LSTM kernel: inconsistent operand shapes");
+  Backward b{d, reverse, acts.typed_data(), c_starts.typed_data(), tanh_c.typed_data(),
+             keep.typed_data(), optional(mask), d_outs.typed_data(), w_t.typed_data(),
+             dh_last.typed_data(), dc_last.typed_data(), dz->typed_data(),
+             dh_init->typed_data(), dc_init->typed_data()};
+  parallel_rows(pool, d.batch, [&b](int r0, int r1) { b.rows(r0, r1); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,200 @@
+"""The LSTM recurrence as a compiled CPU kernel (lstm_cpu.cc), called through XLA's FFI.
+
+XLA's CPU backend runs a `lax.scan` body as a dozen small kernels per step, and at
+char-rnn's size their fixed cost outweighs the arithmetic; the kernel runs the whole time
+loop in one call (see the .cc file). It is compiled with the machine's C++ compiler on
+first use (a few seconds) into `$LMJAX_CACHE_DIR` (default `~/.cache/lmjax`), keyed by
+the source, the jaxlib version and the compiler, and loaded from there afterwards.
+
+`available()` says whether the kernel can be used; `rnn.lstm_scan` uses it for float32
+on the CPU and falls back to its XLA scan elsewhere (GPUs, other dtypes, no compiler;
+the reason is logged once). `LMJAX_LSTM_KERNEL=0` turns it off for a process, and
+`with lstm_cpu.disabled():` for what is traced inside the block.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.sharding import PartitionSpec as P
+
+from lmjax.parallel.mesh import BATCH_AXES
+
+SOURCE = os.path.join(os.path.dirname(__file__), "lstm_cpu.cc")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
+         "-pthread"]
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> str:
+    return os.environ.get("LMJAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lmjax")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _library_path(compiler: str) -> str:
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read())
+    key.update(" ".join([compiler, *FLAGS, jaxlib.__version__, _cpu_model()]).encode())
+    return os.path.join(cache_dir(), f"lstm_cpu-{key.hexdigest()[:16]}.so")
+
+
+def _cpu_model() -> str:
+    """-march=native ties the library to this CPU: part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build() -> str:
+    """Compiles the kernel unless a cached build exists; returns the library's path.
+    Raises RuntimeError with the compiler's message when it cannot."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    path = _library_path(compiler)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Compile to a temporary name and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {SOURCE} failed:\n{' '.join(cmd)}\n"
+                           f"{result.stderr[-3000:]}")
+    os.replace(tmp, path)
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """True once the kernel is compiled, loaded and registered with XLA's CPU backend."""
+    if os.environ.get("LMJAX_LSTM_KERNEL", "1") == "0":
+        return False
+    if not sys.platform.startswith("linux"):
+        log.warning("LSTM CPU kernel: only built on Linux; using the XLA scan")
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(build())
+    except (RuntimeError, OSError) as e:
+        log.warning("LSTM CPU kernel unavailable, using the XLA scan: %s", e)
+        return False
+    for name in ("LstmForward", "LstmBackward"):
+        jax.ffi.register_ffi_target(f"lmjax_{name}", jax.ffi.pycapsule(getattr(library, name)),
+                                    platform="cpu")
+    return True
+
+
+_disabled = False
+
+
+@contextlib.contextmanager
+def disabled():
+    """Functions traced inside this block use the XLA scan (A/B timings, tests)."""
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
+
+
+def usable(*arrays) -> bool:
+    """Whether the kernel applies: float32 operands on the CPU backend."""
+    return (not _disabled and jax.default_backend() == "cpu"
+            and all(a.dtype == jnp.float32 for a in arrays) and available())
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the LSTM CPU kernel is not available (see the logged reason); "
+                           "check lstm_cpu.usable() before calling it")
+
+
+def _none() -> jax.Array:
+    return jnp.zeros((0,), jnp.float32)
+
+
+def _over_batch(fn, args, arg_axes, out_axes):
+    """fn(*args) with every array split over the mesh's batch axes (`data`, `fsdp`) when
+    the context mesh has them: each device runs the kernel on its own rows (batch rows
+    are independent). Without that, XLA's partitioner would run the opaque call on the
+    whole batch on every device. arg_axes / out_axes: each array's batch axis, or None
+    for one that every device needs whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    batch = next(a.shape[i] for a, i in zip(args, arg_axes, strict=True) if i is not None)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return fn(*args)
+
+    def spec(axis):
+        return P() if axis is None else P(*([None] * axis), axes)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, arg_axes)),
+                         out_specs=tuple(map(spec, out_axes)), check_vma=False)(*args)
+
+
+def forward(reverse: bool, save: bool, gx, w, b, h, c, keep, mask):
+    """The recurrence. gx (time, batch, 4 hidden) input projections with b_i; w (hidden,
+    4 hidden); b (4 hidden,) = b_h; h, c (batch, hidden); keep (time, batch) float, 0
+    where the carry resets; mask (time, batch) float or None.
+
+    Returns outs (time, batch, hidden), (h, c) after the last step and, with `save`, the
+    residuals acts (time, batch, 4 hidden: activated i, f, g, o), the carries each step
+    started from h0s, c0s and tanh of the new cell state (time, batch, hidden) each."""
+    _require()
+    mask_axis = None if mask is None else 1
+    mask = _none() if mask is None else mask
+    res_axes = (1,) * 4 if save else (None,) * 4
+
+    def call(gx, w, b, h, c, keep, mask):
+        time, batch, gates = gx.shape
+        seq = jax.ShapeDtypeStruct((time, batch, gates // 4), jnp.float32)
+        row = jax.ShapeDtypeStruct((batch, gates // 4), jnp.float32)
+        res = (jax.ShapeDtypeStruct((time, batch, gates), jnp.float32), seq, seq, seq) if save \
+            else (jax.ShapeDtypeStruct((0,), jnp.float32),) * 4
+        return jax.ffi.ffi_call("lmjax_LstmForward", (seq, row, row, *res))(
+            gx, w, b, h, c, keep, mask, reverse=reverse, save=save)
+
+    outs, h, c, *residuals = _over_batch(call, (gx, w, b, h, c, keep, mask),
+                                         (1, None, None, 0, 0, 1, mask_axis),
+                                         (1, 0, 0, *res_axes))
+    return outs, (h, c), residuals
+
+
+def backward(reverse: bool, acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c):
+    """Gradients through the recurrence: dz (time, batch, 4 hidden), the gradient of the
+    pre-activation gates at every step, and that of the initial (h, c)."""
+    _require()
+    mask_axis = None if mask is None else 1
+    mask = _none() if mask is None else mask
+
+    def call(acts, c0s, tcs, keep, mask, d_outs, w_t, d_h, d_c):
+        time, batch, hidden = d_outs.shape
+        row = jax.ShapeDtypeStruct((batch, hidden), jnp.float32)
+        return jax.ffi.ffi_call("lmjax_LstmBackward", (
+            jax.ShapeDtypeStruct((time, batch, 4 * hidden), jnp.float32), row, row))(
+            acts, c0s, tcs, keep, mask, d_outs, w_t, d_h, d_c, reverse=reverse)
+
+    dz, d_h, d_c = _over_batch(call, (acts, c0s, tcs, keep, mask, d_outs, w.T, d_h, d_c),
+                               (1, 1, 1, 1, mask_axis, 1, None, 0, 0), (1, 0, 0))
+    return dz, (d_h, d_c)
