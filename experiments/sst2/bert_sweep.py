@@ -94,7 +94,8 @@ def sweep(args) -> None:
             name = f"sweep_lr{lr:g}_bs{batch}_ep{args.epochs:g}"
             params = _finetune_params(Path(args.pretrained), lr, batch, args.epochs, args.seed)
             record = _train(Path(args.runs) / name, FINETUNE, params + args.gin_param)
-            _save(name, {"lr": lr, "batch_size": batch, "epochs": args.epochs, **record})
+            _save(name, {"lr": lr, "batch_size": batch, "epochs": args.epochs,
+                         "pretrained": args.pretrained, **record})
             rows.append((lr, batch, record))
     print("\n| lr | batch | epochs | best dev accuracy | dev F1 | at step | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -113,7 +114,7 @@ def compare(args) -> None:
             params = _finetune_params(Path(args.pretrained), args.lr, args.batch_size,
                                       args.epochs, seed)
             record = _train(Path(args.runs) / name, config, params + args.gin_param)
-            _save(name, {"init": label, "seed": seed, **record})
+            _save(name, {"init": label, "seed": seed, "pretrained": args.pretrained, **record})
             accuracies.append(record["accuracy"])
         table[label] = accuracies
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores")
