@@ -1,6 +1,7 @@
 """Character LMs on Tiny Shakespeare at matched parameter count and matched wall time.
 
     python experiments/char_lm/run.py --budget=300 [--models=lstm,gru,gpt]
+    python experiments/char_lm/run.py --table   # results.json's table, replotted
 
 LSTM (char-rnn's 2x128, `configs/experiments/char_lstm.gin`), GRU (2 layers of 148,
 the same parameter count, `char_gru.gin`) and the training stack's GPT (3 layers, 88
@@ -76,11 +77,16 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300, help="seconds of training")
     parser.add_argument("--models", default="lstm,gru,gpt")
     parser.add_argument("--root", default="runs/char_lm")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of results.json (and replot)")
     args = parser.parse_args()
-    results = [run(name, args.budget, REPO / args.root) for name in args.models.split(",")]
-    for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.table:
+        results = json.loads((HERE / "results.json").read_text())
+    else:
+        results = [run(name, args.budget, REPO / args.root) for name in args.models.split(",")]
+        for r in results:
+            print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+        (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print("| model | parameters | steps | val loss | tokens/s (training loop) | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -102,7 +108,7 @@ def plot(results: list[dict]) -> None:
         ax.plot(fraction, losses, marker="o", label=f"{r['model']} ({r['params']:,} params)")
     ax.set_xlabel("fraction of the wall-time budget")
     ax.set_ylabel("val loss (nats/char)")
-    ax.set_title("Tiny Shakespeare, matched parameters and wall time (2-core CPU)")
+    ax.set_title("Tiny Shakespeare: matched parameters and wall time")
     ax.legend()
     fig.tight_layout()
     fig.savefig(HERE / "loss.png", dpi=100)
