@@ -13,7 +13,10 @@ Speed on small CPUs comes from the layout, not from the cells' arithmetic:
   the whole `(batch, 4 hidden)` gate array (a sigmoid on one gate's slice compiles to a
   slow loop), resets the carry by multiplying with a precomputed keep mask, skips the
   padding select when there is no mask, and saves the activations, so the backward pass
-  evaluates no transcendental and does one matrix product per step.
+  evaluates no transcendental and does one matrix product per step;
+* on the CPU, for float32, `lstm_scan` runs that same recurrence, forward and backward, in
+  a compiled kernel called through XLA's FFI (lmjax/models/lstm_cpu.py), one call for the
+  whole time loop; the `lax.scan` passes above are its fallback and reference.
 
 Gate order and equations follow PyTorch's `nn.LSTM`/`nn.GRU` (see each cell's docstring),
 so the NumPy reference in tests/test_rnn.py is a transcription of those documented
