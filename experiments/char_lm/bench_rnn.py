@@ -18,6 +18,7 @@ ratios against PyTorch are printed, so a busy machine affects them alike.
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -183,6 +184,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--unroll", type=int, default=1, help="lmjax scan unroll")
     args = parser.parse_args()
+    load = os.getloadavg()[0]  # other work on the machine (the bench adds its own)
     data = load_lm_data("tiny_shakespeare")
     runners = {"lmjax": lmjax_runner(data, "lstm", args.unroll),
                "lmjax-xla": lmjax_runner(data, "lstm", args.unroll, kernel=False),
@@ -204,7 +206,8 @@ def main() -> None:
         for name, run in runners.items():
             medians[name].append(time_steps(run, args.steps))
     print(f"char-rnn step: {LAYERS} x {HIDDEN} LSTM, batch {BATCH} x {LENGTH}, vocab {VOCAB}, "
-          f"RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads {threads}")
+          f"RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads {threads}; "
+          f"1-min load average at start {load:.2f}")
     result = {}
     for name, values in medians.items():
         ms = statistics.median(values) * 1e3

@@ -210,18 +210,19 @@ struct Forward {
   }
 
   // One row of one step: z (gates) -> new h (in h) and c (in c), outputs and residuals.
-  void cell(int t, int row, float* z, float* h, float* c) const {
+  void cell(int t, int row, const float* z, float* h, float* c) const {
     const int H = d.hidden;
     const size_t idx = size_t(t) * d.batch + row;
     const bool take = mask == nullptr || mask[idx] != 0.0f;
     float* out = outs + idx * H;
     float* tc = save ? tanh_c + idx * H : nullptr;
+    float* a = save ? acts + idx * 4 * H : nullptr;  // the activated gates
     int j = 0;
     for (; j + kLanes <= H; j += kLanes) {
       vf i = vsigmoid(load(z + j)), f = vsigmoid(load(z + H + j));
       vf g = vtanh(load(z + 2 * H + j)), o = vsigmoid(load(z + 3 * H + j));
       vf c1 = f * load(c + j) + i * g, t1 = vtanh(c1), h1 = o * t1;
-      store(z + j, i), store(z + H + j, f), store(z + 2 * H + j, g), store(z + 3 * H + j, o);
+      if (a) store(a + j, i), store(a + H + j, f), store(a + 2 * H + j, g), store(a + 3 * H + j, o);
       store(out + j, h1);
       if (tc) store(tc + j, t1);
       if (take) store(h + j, h1), store(c + j, c1);
@@ -230,12 +231,11 @@ struct Forward {
       float i = ssigmoid(z[j]), f = ssigmoid(z[H + j]), g = std::tanh(z[2 * H + j]);
       float o = ssigmoid(z[3 * H + j]);
       float c1 = f * c[j] + i * g, t1 = std::tanh(c1), h1 = o * t1;
-      z[j] = i, z[H + j] = f, z[2 * H + j] = g, z[3 * H + j] = o;
+      if (a) a[j] = i, a[H + j] = f, a[2 * H + j] = g, a[3 * H + j] = o;
       out[j] = h1;
       if (tc) tc[j] = t1;
       if (take) h[j] = h1, c[j] = c1;
     }
-    if (save) std::copy(z, z + 4 * H, acts + idx * 4 * H);
   }
 };
 

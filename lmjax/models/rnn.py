@@ -338,14 +338,17 @@ class RecurrentLayer(nn.Module):
         if carry is None:
             carry = zero_carry(self.cell, batch, self.hidden, inputs.dtype)
         # All timesteps' input projections in one product: (time, batch, gates, hidden).
-        if embedding is None:
-            gates_x = _project(xs, w_i) + b_i
-        else:
+        bias = b_h
+        if embedding is not None:
             table = _project(embedding[None], w_i)[:, 0] + b_i  # (vocab, gates, hidden)
             gates_x = table[xs.T]
+        elif self.cell == "gru":  # GRU's b_h sits inside r * (h W_h + b_h): kept apart
+            gates_x = _project(xs, w_i) + b_i
+        else:  # b_i and b_h only ever appear summed: one pass less over gates_x each way
+            gates_x, bias = _project(xs, w_i), b_h + b_i
         resets = jnp.zeros((time, batch), bool) if resets is None else resets.T
         mask = None if mask is None else mask.T
-        outs, carry = recurrent_scan(self.cell, self.reverse, self.unroll, w_h, b_h, gates_x,
+        outs, carry = recurrent_scan(self.cell, self.reverse, self.unroll, w_h, bias, gates_x,
                                      carry, resets, mask)
         return jnp.swapaxes(outs, 0, 1), carry  # (batch, time, hidden)
 
