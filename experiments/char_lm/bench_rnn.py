@@ -5,7 +5,7 @@
 
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
-  the recurrence in the compiled CPU kernel of lmjax/models/lstm_cpu.cc);
+  the recurrence in the compiled CPU kernel of lmjax/models/rnn_cpu.cc);
 * lmjax-xla: the same step with the recurrence as lmjax's XLA scan (the kernel off);
 * flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))`, same sizes and optimiser;
 * torch: `nn.LSTM(128, 128, num_layers=2)` (skipped with a message if torch is missing).
@@ -30,7 +30,7 @@ import optax
 from flax import linen as nn
 
 from lmjax.data.pipelines import load_lm_data
-from lmjax.models import lstm_cpu, rnn
+from lmjax.models import rnn, rnn_cpu
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 from lmjax.train.state import create_task_state
@@ -68,7 +68,7 @@ def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
         first = step
 
         def step():
-            with lstm_cpu.disabled():
+            with rnn_cpu.disabled():
                 return first()
 
     return step

@@ -15,8 +15,11 @@ Speed on small CPUs comes from the layout, not from the cells' arithmetic:
   padding select when there is no mask, and saves the activations, so the backward pass
   evaluates no transcendental and does one matrix product per step;
 * on the CPU, for float32, `lstm_scan` runs that same recurrence, forward and backward, in
-  a compiled kernel called through XLA's FFI (lmjax/models/lstm_cpu.py), one call for the
-  whole time loop; the `lax.scan` passes above are its fallback and reference.
+  a compiled kernel called through XLA's FFI (lmjax/models/rnn_cpu.py), one call for the
+  whole time loop; the `lax.scan` passes above are its fallback and reference. The GRU
+  has the same kind of kernel (`gru_scan`), with the generic scan below as fallback;
+* LSTM and Elman layers fed by a projection add b_i to the recurrence's bias rather than
+  to every timestep's projection (the two only ever appear summed).
 
 Gate order and equations follow PyTorch's `nn.LSTM`/`nn.GRU` (see each cell's docstring),
 so the NumPy reference in tests/test_rnn.py is a transcription of those documented
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lmjax.models import layers, lstm_cpu
+from lmjax.models import layers, rnn_cpu
 from lmjax.models.classifiers import mlp_head
 
 Array = jax.Array
@@ -150,9 +153,11 @@ def recurrent_scan(cell: str, reverse: bool, unroll: int, w_h, b_h, gates_x, car
     step (dh_prev = dgh W_h^T) and the weight gradient as one product after the loop
     (dW_h = sum_t h_t^T dgh_t), where JAX's scan transpose would do two products and
     accumulate dW_h step by step. `mask` may be None (no padding); the LSTM has its own
-    explicit pass (`lstm_scan`)."""
+    explicit pass (`lstm_scan`), and the GRU runs in the CPU kernel where it applies."""
     if cell == "lstm":
         return lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)
+    if cell == "gru" and rnn_cpu.usable(w_h, b_h, gates_x, carry):
+        return gru_scan(reverse, w_h, b_h, gates_x, carry, resets, mask)
     if mask is None:
         mask = jnp.ones(resets.shape, bool)
     return _cell_scan(cell, reverse, unroll, w_h, b_h, gates_x, carry, resets, mask)
@@ -209,15 +214,15 @@ _cell_scan.defvjp(_scan_fwd, _scan_bwd)
 def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True):
     """The LSTM recurrence; residuals: per step the activated gates (i, f, g, o), the
     carry the step started from, and tanh of the new cell state. Float32 on the CPU runs
-    the compiled kernel (lstm_cpu.py), anything else the XLA scan below."""
+    the compiled kernel (rnn_cpu.py), anything else the XLA scan below."""
     time, batch, gates, hidden = gates_x.shape
     w = w_h.reshape(hidden, gates * hidden)
     b = b_h.reshape(gates * hidden)
     gx = gates_x.reshape(time, batch, gates * hidden)
     keep = (~resets).astype(gx.dtype)  # (time, batch): 0 where the carry resets
     mask = None if mask is None else mask.astype(gx.dtype)
-    if lstm_cpu.usable(gx, w, b, *carry):
-        outs, final, residuals = lstm_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask)
+    if rnn_cpu.usable(gx, w, b, *carry):
+        outs, final, residuals = rnn_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask)
     else:
         outs, final, residuals = _lstm_xla_fwd(reverse, unroll, gx, w, b, carry, keep, mask)
     return (outs, final), (w, *residuals, keep, mask)
@@ -251,8 +256,8 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
     w, acts, h0s, c0s, tcs, keep, mask = residuals
     d_outs, (d_h, d_c) = cotangents
     time, batch, hidden = h0s.shape
-    if lstm_cpu.usable(w, acts, d_outs, d_h, d_c):
-        dzs, d_carry = lstm_cpu.backward(reverse, acts, c0s, tcs, keep, mask, d_outs, w, d_h,
+    if rnn_cpu.usable(w, acts, d_outs, d_h, d_c):
+        dzs, d_carry = rnn_cpu.backward(reverse, acts, c0s, tcs, keep, mask, d_outs, w, d_h,
                                          d_c)
     else:
         dzs, d_carry = _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs,
@@ -299,6 +304,39 @@ def lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def _gru_fwd(reverse, w_h, b_h, gates_x, carry, resets, mask, save=True):
+    """The GRU recurrence in the CPU kernel; residuals: per step r, z, n, the h-gate of n
+    and the h the step started from."""
+    time, batch, gates, hidden = gates_x.shape
+    w = w_h.reshape(hidden, gates * hidden)
+    keep = (~resets).astype(gates_x.dtype)
+    mask = None if mask is None else mask.astype(gates_x.dtype)
+    outs, h, residuals = rnn_cpu.gru_forward(
+        reverse, save, gates_x.reshape(time, batch, gates * hidden), w,
+        b_h.reshape(gates * hidden), carry, keep, mask)
+    return (outs, h), (w, *residuals, keep, mask)
+
+
+def _gru_bwd(reverse, residuals, cotangents):
+    w, acts, h0s, keep, mask = residuals
+    d_outs, d_h = cotangents
+    time, batch, hidden = h0s.shape
+    d_gx, d_gh, d_h = rnn_cpu.gru_backward(reverse, acts, h0s, keep, mask, d_outs, w, d_h)
+    d_w_h = h0s.reshape(time * batch, hidden).T @ d_gh.reshape(time * batch, 3 * hidden)
+    return (d_w_h.reshape(hidden, 3, hidden), d_gh.reshape(time * batch, 3, hidden).sum(0),
+            d_gx.reshape(time, batch, 3, hidden), d_h, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gru_scan(reverse, w_h, b_h, gates_x, carry, resets, mask):
+    """`reference_scan` for the GRU, forward and backward in the CPU kernel (float32 on
+    the CPU only: `recurrent_scan` checks `rnn_cpu.usable` first)."""
+    return _gru_fwd(reverse, w_h, b_h, gates_x, carry, resets, mask, save=False)[0]
+
+
+gru_scan.defvjp(_gru_fwd, _gru_bwd)
 
 
 class RecurrentLayer(nn.Module):

@@ -1,15 +1,17 @@
-"""The LSTM recurrence as a compiled CPU kernel (lstm_cpu.cc), called through XLA's FFI.
+"""The LSTM and GRU recurrences as compiled CPU kernels (rnn_cpu.cc), called through
+XLA's FFI.
 
 XLA's CPU backend runs a `lax.scan` body as a dozen small kernels per step, and at
-char-rnn's size their fixed cost outweighs the arithmetic; the kernel runs the whole time
-loop in one call (see the .cc file). It is compiled with the machine's C++ compiler on
+char-rnn's size their fixed cost outweighs the arithmetic; a kernel runs the whole time
+loop in one call (see the .cc file). They are compiled with the machine's C++ compiler on
 first use (a few seconds) into `$LMJAX_CACHE_DIR` (default `~/.cache/lmjax`), keyed by
 the source, the jaxlib version and the compiler, and loaded from there afterwards.
 
-`available()` says whether the kernel can be used; `rnn.lstm_scan` uses it for float32
-on the CPU and falls back to its XLA scan elsewhere (GPUs, other dtypes, no compiler;
-the reason is logged once). `LMJAX_LSTM_KERNEL=0` turns it off for a process, and
-`with lstm_cpu.disabled():` for what is traced inside the block.
+`available()` says whether the kernels can be used; `rnn.lstm_scan` and
+`rnn.recurrent_scan` (for the GRU) use them for float32 on the CPU and fall back to their
+XLA scans elsewhere (GPUs, other dtypes, no compiler; the reason is logged once).
+`LMJAX_RNN_KERNEL=0` turns them off for a process, and `with rnn_cpu.disabled():` for
+what is traced inside the block.
 """
 
 import contextlib
@@ -31,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lmjax.parallel.mesh import BATCH_AXES
 
-SOURCE = os.path.join(os.path.dirname(__file__), "lstm_cpu.cc")
+SOURCE = os.path.join(os.path.dirname(__file__), "rnn_cpu.cc")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
          "-pthread"]
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _library_path(compiler: str) -> str:
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
     key.update(" ".join([compiler, *FLAGS, jaxlib.__version__, _cpu_model()]).encode())
-    return os.path.join(cache_dir(), f"lstm_cpu-{key.hexdigest()[:16]}.so")
+    return os.path.join(cache_dir(), f"rnn_cpu-{key.hexdigest()[:16]}.so")
 
 
 def _cpu_model() -> str:
@@ -76,7 +78,7 @@ def build() -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
-    log.info("compiling the LSTM CPU kernel into %s (once)", path)
+    log.info("compiling the RNN CPU kernels into %s (once)", path)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -88,18 +90,18 @@ def build() -> str:
 
 @functools.cache
 def available() -> bool:
-    """True once the kernel is compiled, loaded and registered with XLA's CPU backend."""
-    if os.environ.get("LMJAX_LSTM_KERNEL", "1") == "0":
+    """True once the kernels are compiled, loaded and registered with XLA's CPU backend."""
+    if os.environ.get("LMJAX_RNN_KERNEL", "1") == "0":
         return False
     if not sys.platform.startswith("linux"):
-        log.warning("LSTM CPU kernel: only built on Linux; using the XLA scan")
+        log.warning("RNN CPU kernels: only built on Linux; using the XLA scan")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(build())
     except (RuntimeError, OSError) as e:
-        log.warning("LSTM CPU kernel unavailable, using the XLA scan: %s", e)
+        log.warning("RNN CPU kernels unavailable, using the XLA scan: %s", e)
         return False
-    for name in ("LstmForward", "LstmBackward"):
+    for name in ("LstmForward", "LstmBackward", "GruForward", "GruBackward"):
         jax.ffi.register_ffi_target(f"lmjax_{name}", jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu")
     return True
@@ -127,8 +129,8 @@ def usable(*arrays) -> bool:
 
 def _require() -> None:
     if not available():
-        raise RuntimeError("the LSTM CPU kernel is not available (see the logged reason); "
-                           "check lstm_cpu.usable() before calling it")
+        raise RuntimeError("the RNN CPU kernels are not available (see the logged reason); "
+                           "check rnn_cpu.usable() before calling it")
 
 
 def _none() -> jax.Array:
@@ -199,3 +201,48 @@ def backward(reverse: bool, acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c):
     dz, d_h, d_c = _over_batch(call, (acts, c0s, tcs, keep, mask, d_outs, w.T, d_h, d_c),
                                (1, 1, 1, 1, mask_axis, 1, None, 0, 0), (1, 0, 0))
     return dz, (d_h, d_c)
+
+
+def gru_forward(reverse: bool, save: bool, gx, w, b, h, keep, mask):
+    """The GRU recurrence (gates r, z, n). gx (time, batch, 3 hidden) input projections
+    with b_i; w (hidden, 3 hidden); b (3 hidden,) = b_h; h (batch, hidden); keep and mask
+    as in `forward`. Returns outs (time, batch, hidden), h after the last step and, with
+    `save`, the residuals acts (time, batch, 4 hidden: r, z, n and the h-gate of n) and
+    the h each step started from, h0s (time, batch, hidden)."""
+    _require()
+    mask_axis = None if mask is None else 1
+    mask = _none() if mask is None else mask
+    res_axes = (1, 1) if save else (None, None)
+
+    def call(gx, w, b, h, keep, mask):
+        time, batch, gates = gx.shape
+        hidden = gates // 3
+        seq = jax.ShapeDtypeStruct((time, batch, hidden), jnp.float32)
+        res = (jax.ShapeDtypeStruct((time, batch, 4 * hidden), jnp.float32), seq) if save \
+            else (jax.ShapeDtypeStruct((0,), jnp.float32),) * 2
+        return jax.ffi.ffi_call("lmjax_GruForward", (
+            seq, jax.ShapeDtypeStruct((batch, hidden), jnp.float32), *res))(
+            gx, w, b, h, keep, mask, reverse=reverse, save=save)
+
+    outs, h, *residuals = _over_batch(call, (gx, w, b, h, keep, mask),
+                                      (1, None, None, 0, 1, mask_axis), (1, 0, *res_axes))
+    return outs, h, residuals
+
+
+def gru_backward(reverse: bool, acts, h0s, keep, mask, d_outs, w, d_h):
+    """Gradients through the GRU recurrence: those of the input gates d_gx and of the
+    h-gates d_gh (time, batch, 3 hidden each; they differ in the n block) and of the
+    initial h."""
+    _require()
+    mask_axis = None if mask is None else 1
+    mask = _none() if mask is None else mask
+
+    def call(acts, h0s, keep, mask, d_outs, w_t, d_h):
+        time, batch, hidden = d_outs.shape
+        gates = jax.ShapeDtypeStruct((time, batch, 3 * hidden), jnp.float32)
+        return jax.ffi.ffi_call("lmjax_GruBackward", (
+            gates, gates, jax.ShapeDtypeStruct((batch, hidden), jnp.float32)))(
+            acts, h0s, keep, mask, d_outs, w_t, d_h, reverse=reverse)
+
+    return _over_batch(call, (acts, h0s, keep, mask, d_outs, w.T, d_h),
+                       (1, 1, 1, mask_axis, 1, None, 0), (1, 1, 0))

@@ -1,4 +1,5 @@
-// LSTM recurrence for XLA's CPU backend, as two XLA FFI handlers (forward and backward).
+// LSTM and GRU recurrences for XLA's CPU backend, as XLA FFI handlers (forward and
+// backward for each; the GRU's are further down and share the product and threading).
 //
 // Why: at char-rnn's size (batch 50, hidden 128) an XLA while loop spends most of each
 // step on the fixed cost of a dozen small kernels (the recurrent product, the gate
@@ -320,6 +321,143 @@ struct Backward {
   }
 };
 
+// The GRU (PyTorch's nn.GRU, gates [r, z, n]), on the same loop and product:
+//   h0 = keep * h;  gh = b_h + h0 @ W_h;  r = sigmoid(gx_r + gh_r);  z = sigmoid(gx_z + gh_z)
+//   n = tanh(gx_n + r gh_n);  out = (1 - z) n + z h0;  h = out where mask, else h0
+// Residuals per step: [r, z, n, gh_n] (4 hidden) and h0.
+struct GruForwardPass {
+  Dims d;
+  bool reverse, save;
+  const float *gx, *w, *bias, *h_init, *keep, *mask;
+  float *outs, *h_last, *acts, *h_starts;
+
+  void rows(int r0, int r1) const {
+    const int H = d.hidden, G = 3 * H, B = d.batch, m = r1 - r0;
+    std::vector<float> gh(m * G), h0(m * H);
+    std::copy(h_init + r0 * H, h_init + r1 * H, h0.begin());
+    for (int s = 0; s < d.time; ++s) {
+      const int t = at(s, d.time, reverse);
+      for (int r = 0; r < m; ++r) {
+        const float k = keep[t * B + r0 + r];
+        for (int j = 0; j < H; ++j) h0[r * H + j] *= k;
+        std::copy(bias, bias + G, gh.begin() + r * G);
+      }
+      if (save) std::copy(h0.begin(), h0.end(), h_starts + (size_t(t) * B + r0) * H);
+      gemm_acc(m, G, H, h0.data(), H, w, G, gh.data(), G);
+      for (int r = 0; r < m; ++r) cell(t, r0 + r, gh.data() + r * G, h0.data() + r * H);
+    }
+    std::copy(h0.begin(), h0.end(), h_last + r0 * H);
+  }
+
+  template <typename V, typename Sigmoid, typename Tanh>
+  static inline V step(V xr, V xz, V xn, V ghr, V ghz, V ghn, V h, V& r, V& z, V& n,
+                       Sigmoid sigmoid, Tanh tanh) {
+    r = sigmoid(xr + ghr);
+    z = sigmoid(xz + ghz);
+    n = tanh(xn + r * ghn);
+    return (V{} + 1.0f - z) * n + z * h;
+  }
+
+  void cell(int t, int row, const float* gh, float* h) const {
+    const int H = d.hidden;
+    const size_t idx = size_t(t) * d.batch + row;
+    const bool take = mask == nullptr || mask[idx] != 0.0f;
+    const float* x = gx + idx * 3 * H;
+    float* out = outs + idx * H;
+    float* a = save ? acts + idx * 4 * H : nullptr;
+    int j = 0;
+    for (; j + kLanes <= H; j += kLanes) {
+      vf r, z, n, ghn = load(gh + 2 * H + j);
+      vf h1 = step(load(x + j), load(x + H + j), load(x + 2 * H + j), load(gh + j),
+                   load(gh + H + j), ghn, load(h + j), r, z, n, vsigmoid, vtanh);
+      store(out + j, h1);
+      if (a) store(a + j, r), store(a + H + j, z), store(a + 2 * H + j, n), store(a + 3 * H + j, ghn);
+      if (take) store(h + j, h1);
+    }
+    for (; j < H; ++j) {
+      float r, z, n, ghn = gh[2 * H + j];
+      float h1 = step(x[j], x[H + j], x[2 * H + j], gh[j], gh[H + j], ghn, h[j], r, z, n,
+                      ssigmoid, [](float v) { return std::tanh(v); });
+      out[j] = h1;
+      if (a) a[j] = r, a[H + j] = z, a[2 * H + j] = n, a[3 * H + j] = ghn;
+      if (take) h[j] = h1;
+    }
+  }
+};
+
+struct GruBackwardPass {
+  Dims d;
+  bool reverse;
+  const float *acts, *h_starts, *keep, *mask, *d_outs, *w_t, *dh_last;
+  float *d_gx, *d_gh, *dh_init;
+
+  void rows(int r0, int r1) const {
+    const int H = d.hidden, G = 3 * H, m = r1 - r0;
+    std::vector<float> dh(m * H), pass(m * H);
+    std::copy(dh_last + r0 * H, dh_last + r1 * H, dh.begin());
+    for (int s = d.time - 1; s >= 0; --s) {  // the forward steps, last first
+      const int t = at(s, d.time, reverse);
+      for (int r = 0; r < m; ++r) cell(t, r0 + r, dh.data() + r * H, pass.data() + r * H);
+      // dh0 = (d_gh @ W_h^T + passed dh) * keep
+      gemm_acc(m, H, G, d_gh + (size_t(t) * d.batch + r0) * G, G, w_t, H, pass.data(), H);
+      for (int r = 0; r < m; ++r) {
+        const float k = keep[t * d.batch + r0 + r];
+        for (int j = 0; j < H; ++j) dh[r * H + j] = pass[r * H + j] * k;
+      }
+    }
+    std::copy(dh.begin(), dh.end(), dh_init + r0 * H);
+  }
+
+  // dh flowing into the step's new carry -> the gradients of the pre-activations (d_gx:
+  // [r, z, n]; d_gh: the same with r * d n for n) and, in pass, that reaching h0 other
+  // than through h0 @ W_h.
+  template <bool take, typename V>
+  static inline void grads(V dh, V d_out, V r, V z, V n, V ghn, V h0, V& gr, V& gz, V& gn,
+                           V& hn, V& pass) {
+    V one = V{} + 1.0f, zero = V{};
+    V dh1 = (take ? dh : zero) + d_out;
+    gn = dh1 * (one - z) * (one - n * n);
+    gz = dh1 * (h0 - n) * z * (one - z);
+    gr = gn * ghn * r * (one - r);
+    hn = gn * r;
+    pass = dh1 * z + (take ? zero : dh);
+  }
+
+  void cell(int t, int row, const float* dh, float* pass) const {
+    const size_t idx = size_t(t) * d.batch + row;
+    if (mask == nullptr || mask[idx] != 0.0f)
+      cell_step<true>(idx, dh, pass);
+    else  // padding kept the old carry, so its gradient passes straight through
+      cell_step<false>(idx, dh, pass);
+  }
+
+  template <bool take>
+  void cell_step(size_t idx, const float* dh, float* pass) const {
+    const int H = d.hidden;
+    const float* a = acts + idx * 4 * H;
+    const float* h0 = h_starts + idx * H;
+    const float* d_out = d_outs + idx * H;
+    float* gx = d_gx + idx * 3 * H;
+    float* gh = d_gh + idx * 3 * H;
+    int j = 0;
+    for (; j + kLanes <= H; j += kLanes) {
+      vf gr, gz, gn, hn, ps;
+      grads<take>(load(dh + j), load(d_out + j), load(a + j), load(a + H + j),
+                  load(a + 2 * H + j), load(a + 3 * H + j), load(h0 + j), gr, gz, gn, hn, ps);
+      store(gx + j, gr), store(gx + H + j, gz), store(gx + 2 * H + j, gn);
+      store(gh + j, gr), store(gh + H + j, gz), store(gh + 2 * H + j, hn);
+      store(pass + j, ps);
+    }
+    for (; j < H; ++j) {
+      float gr, gz, gn, hn;
+      grads<take>(dh[j], d_out[j], a[j], a[H + j], a[2 * H + j], a[3 * H + j], h0[j], gr, gz,
+                  gn, hn, pass[j]);
+      gx[j] = gr, gx[H + j] = gz, gx[2 * H + j] = gn;
+      gh[j] = gr, gh[H + j] = gz, gh[2 * H + j] = hn;
+    }
+  }
+};
+
 const float* optional(ffi::Buffer<ffi::F32>& b) {
   return b.element_count() == 0 ? nullptr : b.typed_data();
 }
@@ -371,6 +509,46 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts, ff
   return ffi::Error::Success();
 }
 
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h_init,
+                          ffi::Buffer<ffi::F32> keep, ffi::Buffer<ffi::F32> mask, bool reverse,
+                          bool save, ffi::ResultBuffer<ffi::F32> outs,
+                          ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> acts,
+                          ffi::ResultBuffer<ffi::F32> h_starts) {
+  auto dims = gx.dimensions();
+  if (dims.size() != 3 || dims[2] % 3 != 0)
+    return ffi::Error::InvalidArgument("gx must be (time, batch, 3 hidden)");
+  Dims d{int(dims[0]), int(dims[1]), int(dims[2] / 3)};
+  if (w.element_count() != size_t(d.hidden) * 3 * d.hidden ||
+      h_init.element_count() != size_t(d.batch) * d.hidden ||
+      keep.element_count() != size_t(d.time) * d.batch)
+    return ffi::Error::InvalidArgument("GRU kernel: inconsistent operand shapes");
+  GruForwardPass f{d, reverse, save, gx.typed_data(), w.typed_data(), bias.typed_data(),
+               h_init.typed_data(), keep.typed_data(), optional(mask), outs->typed_data(),
+               h_last->typed_data(), acts->typed_data(), h_starts->typed_data()};
+  parallel_rows(pool, d.batch, [&f](int r0, int r1) { f.rows(r0, r1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts,
+                           ffi::Buffer<ffi::F32> h_starts, ffi::Buffer<ffi::F32> keep,
+                           ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> d_outs,
+                           ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> dh_last, bool reverse,
+                           ffi::ResultBuffer<ffi::F32> d_gx, ffi::ResultBuffer<ffi::F32> d_gh,
+                           ffi::ResultBuffer<ffi::F32> dh_init) {
+  auto dims = d_outs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("d_outs must be (time, batch, hidden)");
+  Dims d{int(dims[0]), int(dims[1]), int(dims[2])};
+  if (acts.element_count() != size_t(d.time) * d.batch * 4 * d.hidden ||
+      w_t.element_count() != size_t(d.hidden) * 3 * d.hidden)
+    return ffi::Error::InvalidArgument("GRU kernel: inconsistent operand shapes");
+  GruBackwardPass b{d, reverse, acts.typed_data(), h_starts.typed_data(), keep.typed_data(),
+                optional(mask), d_outs.typed_data(), w_t.typed_data(), dh_last.typed_data(),
+                d_gx->typed_data(), d_gh->typed_data(), dh_init->typed_data()};
+  parallel_rows(pool, d.batch, [&b](int r0, int r1) { b.rows(r0, r1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
@@ -398,6 +576,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("save")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GruBackward, GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
