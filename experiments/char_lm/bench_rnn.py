@@ -1,19 +1,21 @@
 """Recurrent LM training step at char-rnn's default size: lmjax vs Flax and PyTorch.
 
-2 LSTM layers of 128, 50 characters x 50 streams per step, 65 symbols, RMSprop
+2 LSTM (or GRU) layers of 128, 50 characters x 50 streams per step, 65 symbols, RMSprop
 (lr 2e-3, decay 0.95) with global-norm clipping at 5. Prints ms/step and tokens/s for
 
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
   the recurrence in the compiled CPU kernel of lmjax/models/rnn_cpu.cc);
 * lmjax-xla: the same step with the recurrence as lmjax's XLA scan (the kernel off);
-* flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))`, same sizes and optimiser;
-* torch: `nn.LSTM(128, 128, num_layers=2)` (skipped with a message if torch is missing).
+* flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))` (`nn.GRUCell` for the GRU),
+  same sizes and optimiser;
+* torch: `nn.LSTM(128, 128, num_layers=2)` or `nn.GRU` (skipped with a message if torch
+  is missing).
 
-All three are timed in the same process, interleaved over several rounds, and the
-ratios against PyTorch are printed, so a busy machine affects them alike.
+All are timed in the same process, interleaved over several rounds, and the ratios
+against PyTorch are printed, so a busy machine affects them alike.
 
-    python experiments/char_lm/bench_rnn.py [--steps=50] [--rounds=5] [--cell=lstm]
+    python experiments/char_lm/bench_rnn.py [--steps=50] [--rounds=5] [--cell=lstm|gru]
 """
 
 import argparse
@@ -74,23 +76,27 @@ def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
     return step
 
 
-class FlaxLSTM(nn.Module):
-    """The plain Flax way: embedding, nn.RNN over OptimizedLSTMCell layers, dense head."""
+class FlaxRNN(nn.Module):
+    """The plain Flax way: embedding, nn.RNN over OptimizedLSTMCell (or GRUCell) layers,
+    dense head."""
+
+    cell: str
 
     @nn.compact
     def __call__(self, tokens, carries):
         x = nn.Embed(VOCAB, HIDDEN)(tokens)
         new = []
         for i in range(LAYERS):
-            carry, x = nn.RNN(nn.OptimizedLSTMCell(HIDDEN), return_carry=True)(
-                x, initial_carry=carries[i])
+            cell = nn.OptimizedLSTMCell(HIDDEN) if self.cell == "lstm" else nn.GRUCell(HIDDEN)
+            carry, x = nn.RNN(cell, return_carry=True)(x, initial_carry=carries[i])
             new.append(carry)
         return nn.Dense(VOCAB)(x), new
 
 
-def flax_runner(data):
-    model = FlaxLSTM()
-    zeros = [(jnp.zeros((BATCH, HIDDEN)), jnp.zeros((BATCH, HIDDEN))) for _ in range(LAYERS)]
+def flax_runner(data, cell: str):
+    model = FlaxRNN(cell)
+    zero = jnp.zeros((BATCH, HIDDEN))
+    zeros = [(zero, zero) if cell == "lstm" else zero for _ in range(LAYERS)]
     tokens = jnp.zeros((BATCH, LENGTH), jnp.int32)
     params = model.init(jax.random.key(0), tokens, zeros)["params"]
     tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.rmsprop(LR, decay=DECAY, eps=1e-8))
@@ -131,32 +137,36 @@ def _stream(data):
         yield window[:, :-1].astype(np.int64), window[:, 1:].astype(np.int64)
 
 
-def torch_runner(data):
+def torch_runner(data, cell: str):
     import torch
 
     torch.manual_seed(0)
+    recurrent = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
 
-    class TorchLSTM(torch.nn.Module):
+    class TorchRNN(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
-            self.lstm = torch.nn.LSTM(HIDDEN, HIDDEN, num_layers=LAYERS, batch_first=True)
+            self.rnn = recurrent(HIDDEN, HIDDEN, num_layers=LAYERS, batch_first=True)
             self.head = torch.nn.Linear(HIDDEN, VOCAB)
 
         def forward(self, tokens, state):
-            out, state = self.lstm(self.embed(tokens), state)
+            out, state = self.rnn(self.embed(tokens), state)
             return self.head(out), state
 
-    model = TorchLSTM()
+    model = TorchRNN()
     opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=DECAY, eps=1e-8)
     zeros = torch.zeros(LAYERS, BATCH, HIDDEN)
-    box = {"state": (zeros, zeros.clone())}
+    box = {"state": (zeros, zeros.clone()) if cell == "lstm" else zeros}
     batches = _stream(data)
+
+    def detach(state):
+        return tuple(s.detach() for s in state) if cell == "lstm" else state.detach()
 
     def step():
         inputs, targets = (torch.from_numpy(a) for a in next(batches))
         logits, state = model(inputs, box["state"])
-        box["state"] = tuple(s.detach() for s in state)
+        box["state"] = detach(state)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -183,16 +193,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--unroll", type=int, default=1, help="lmjax scan unroll")
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
     args = parser.parse_args()
     load = os.getloadavg()[0]  # other work on the machine (the bench adds its own)
     data = load_lm_data("tiny_shakespeare")
-    runners = {"lmjax": lmjax_runner(data, "lstm", args.unroll),
-               "lmjax-xla": lmjax_runner(data, "lstm", args.unroll, kernel=False),
-               "flax": flax_runner(data)}
+    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll),
+               "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, kernel=False),
+               "flax": flax_runner(data, args.cell)}
     try:
         import torch
 
-        runners["torch"] = torch_runner(data)
+        runners["torch"] = torch_runner(data, args.cell)
         threads = torch.get_num_threads()
     except ImportError:
         print("torch is not installed: skipping the PyTorch row (pip install torch)")
@@ -205,7 +216,8 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved, so load on a shared machine hits all alike
         for name, run in runners.items():
             medians[name].append(time_steps(run, args.steps))
-    print(f"char-rnn step: {LAYERS} x {HIDDEN} LSTM, batch {BATCH} x {LENGTH}, vocab {VOCAB}, "
+    print(f"char-rnn step: {LAYERS} x {HIDDEN} {args.cell.upper()}, batch {BATCH} x {LENGTH}, "
+          f"vocab {VOCAB}, "
           f"RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads {threads}; "
           f"1-min load average at start {load:.2f}")
     result = {}
