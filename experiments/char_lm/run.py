@@ -34,6 +34,7 @@ GPT_PARAMS = ["GPTConfig.num_layers=3", "GPTConfig.embed_dim=88", "GPTConfig.num
               "GPTConfig.block_size=128", "GPTConfig.dropout=0.0", "train.batch_size=32",
               "train.learning_rate=2e-3", "train.min_lr=2e-4", "train.warmup_steps=50",
               "train.eval_batches=20", "train.log_every=50", "mesh.cpu_devices=1"]
+TOKENS_PER_STEP = {"gpt": 32 * 128}  # the RNNs: 50 streams x 50 characters
 MODELS = {
     "lstm": ("configs/experiments/char_lstm.gin", []),
     "gru": ("configs/experiments/char_gru.gin", ["RNNConfig.hidden_dim=148"]),
@@ -57,7 +58,7 @@ def run(name: str, budget: float, root: Path) -> dict:
     train(probe, gin_file, params + ["train.num_steps=30", "train.log_every=10",
                                       "train.eval_every=1000", "train.checkpoint_every=1000"])
     rate = records(probe, "train")[-1]["tokens_per_sec"]  # steps 21-30: compiled, warm
-    tokens_per_step = {"gpt": 32 * 128}.get(name, 50 * 50)
+    tokens_per_step = TOKENS_PER_STEP.get(name, 50 * 50)
     steps = max(100, int(budget * rate / tokens_per_step))
     workdir = root / name
     shutil.rmtree(workdir, ignore_errors=True)
@@ -87,11 +88,13 @@ def main() -> None:
         for r in results:
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
         (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("| model | parameters | steps | val loss | tokens/s (training loop) | wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| model | parameters | steps | tokens seen | val loss | tokens/s (training loop) | "
+          "wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['val_loss']:.4f} | "
-              f"{r['tokens_per_sec']:,.0f} | {r['wall_s']:.0f} |")
+        seen = r["steps"] * TOKENS_PER_STEP.get(r["model"], 50 * 50)
+        print(f"| {r['model']} | {r['params']:,} | {r['steps']:,} | {seen / 1e6:.1f} M | "
+              f"{r['val_loss']:.4f} | {r['tokens_per_sec']:,.0f} | {r['wall_s']:.0f} |")
     plot(results)
 
 
