@@ -140,14 +140,25 @@ void gemm_acc(int m, int n, int k, const float* a, int lda, const float* b, int 
     }
 }
 
-// Runs fn(row_begin, row_end) over batch rows split into contiguous parts of about 10
-// rows. The parts go to XLA's own CPU thread pool (whose idle threads would otherwise spin
+// How many parts `rows` batch rows go in: a multiple of the pool's threads, each of at
+// least 10 rows where the rows allow (and at least 4), so that the parts share out evenly:
+// with two threads, 50 rows go in 4 parts of 12-13, two per thread, not in 5 of 10, three
+// on one thread and two on the other (which left one thread idle for a fifth of the call).
+int num_parts(int rows, int threads) {
+  threads = std::max(1, threads);
+  const int rounds = std::max(1, rows / (10 * threads));
+  return std::max(1, std::min(rounds * threads, rows / 4));
+}
+
+// Runs fn(row_begin, row_end) over batch rows split into contiguous parts (num_parts).
+// The parts go to XLA's own CPU thread pool (whose idle threads would otherwise spin
 // beside ours) and to the calling thread, each taking the next unclaimed part; nobody
 // waits for a part nobody has started, so a pool thread busy with another XLA op joins
 // when it is free and never stalls the call.
 template <typename F>
 void parallel_rows(ffi::ThreadPool& pool, int rows, F fn) {
-  const int parts = std::max(1, rows / 10), helpers = std::min(int(pool.num_threads()), parts - 1);
+  const int parts = num_parts(rows, int(pool.num_threads()));
+  const int helpers = std::min(int(pool.num_threads()), parts - 1);
   if (helpers <= 0) return fn(0, rows);
   struct Shared {
     std::atomic<int> next{0}, done{0};
