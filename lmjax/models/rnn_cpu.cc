@@ -143,7 +143,7 @@ void gemm_acc(int m, int n, int k, const float* a, int lda, const float* b, int 
 // How many parts `rows` batch rows go in: a multiple of the pool's threads, each of at
 // least 10 rows where the rows allow (and at least 4), so that the parts share out evenly:
 // with two threads, 50 rows go in 4 parts of 12-13, two per thread, not in 5 of 10, three
-// on one thread and two on the other (which left one thread idle for a fifth of the call).
+// on one thread and two on the other (which left one thread idle for a third of the call).
 int num_parts(int rows, int threads) {
   threads = std::max(1, threads);
   const int rounds = std::max(1, rows / (10 * threads));
