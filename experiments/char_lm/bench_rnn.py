@@ -217,9 +217,8 @@ def main() -> None:
         for name, run in runners.items():
             medians[name].append(time_steps(run, args.steps))
     print(f"char-rnn step: {LAYERS} x {HIDDEN} {args.cell.upper()}, batch {BATCH} x {LENGTH}, "
-          f"vocab {VOCAB}, "
-          f"RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads {threads}; "
-          f"1-min load average at start {load:.2f}")
+          f"vocab {VOCAB}, RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads "
+          f"{threads}; 1-min load average at start {load:.2f}")
     result = {}
     for name, values in medians.items():
         ms = statistics.median(values) * 1e3

@@ -34,7 +34,7 @@ GPT_PARAMS = ["GPTConfig.num_layers=3", "GPTConfig.embed_dim=88", "GPTConfig.num
               "GPTConfig.block_size=128", "GPTConfig.dropout=0.0", "train.batch_size=32",
               "train.learning_rate=2e-3", "train.min_lr=2e-4", "train.warmup_steps=50",
               "train.eval_batches=20", "train.log_every=50", "mesh.cpu_devices=1"]
-TOKENS_PER_STEP = {"gpt": 32 * 128}  # the RNNs: 50 streams x 50 characters
+TOKENS_PER_STEP = {"lstm": 50 * 50, "gru": 50 * 50, "gpt": 32 * 128}  # streams x length
 MODELS = {
     "lstm": ("configs/experiments/char_lstm.gin", []),
     "gru": ("configs/experiments/char_gru.gin", ["RNNConfig.hidden_dim=148"]),
@@ -58,8 +58,7 @@ def run(name: str, budget: float, root: Path) -> dict:
     train(probe, gin_file, params + ["train.num_steps=30", "train.log_every=10",
                                       "train.eval_every=1000", "train.checkpoint_every=1000"])
     rate = records(probe, "train")[-1]["tokens_per_sec"]  # steps 21-30: compiled, warm
-    tokens_per_step = TOKENS_PER_STEP.get(name, 50 * 50)
-    steps = max(100, int(budget * rate / tokens_per_step))
+    steps = max(100, int(budget * rate / TOKENS_PER_STEP[name]))
     workdir = root / name
     shutil.rmtree(workdir, ignore_errors=True)
     every = max(steps // 5, 1)
@@ -92,7 +91,7 @@ def main() -> None:
           "wall (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        seen = r["steps"] * TOKENS_PER_STEP.get(r["model"], 50 * 50)
+        seen = r["steps"] * TOKENS_PER_STEP[r["model"]]
         print(f"| {r['model']} | {r['params']:,} | {r['steps']:,} | {seen / 1e6:.1f} M | "
               f"{r['val_loss']:.4f} | {r['tokens_per_sec']:,.0f} | {r['wall_s']:.0f} |")
     plot(results)

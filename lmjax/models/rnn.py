@@ -211,16 +211,30 @@ def _scan_bwd(cell, reverse, unroll, residuals, cotangents):
 _cell_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+def _flat(w_h, b_h, gates_x, resets, mask):
+    """The kernels' operands: w (hidden, gates hidden), b (gates hidden,), gx (time, batch,
+    gates hidden), keep (time, batch) float, 0 where the carry resets, and mask as float."""
+    time, batch, gates, hidden = gates_x.shape
+    keep = (~resets).astype(gates_x.dtype)
+    mask = None if mask is None else mask.astype(gates_x.dtype)
+    return (w_h.reshape(hidden, gates * hidden), b_h.reshape(gates * hidden),
+            gates_x.reshape(time, batch, gates * hidden), keep, mask)
+
+
+def _weight_grads(h0s, d_gh):
+    """d W_h = sum_t h0_t^T d gh_t as one product, and d b_h; d_gh (time, batch, gates
+    hidden) -> ((hidden, gates, hidden), (gates, hidden))."""
+    time, batch, hidden = h0s.shape
+    d_gh = d_gh.reshape(time * batch, -1, hidden)
+    d_w_h = h0s.reshape(time * batch, hidden).T @ d_gh.reshape(time * batch, -1)
+    return d_w_h.reshape(hidden, -1, hidden), d_gh.sum(0)
+
+
 def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True):
     """The LSTM recurrence; residuals: per step the activated gates (i, f, g, o), the
     carry the step started from, and tanh of the new cell state. Float32 on the CPU runs
     the compiled kernel (rnn_cpu.py), anything else the XLA scan below."""
-    time, batch, gates, hidden = gates_x.shape
-    w = w_h.reshape(hidden, gates * hidden)
-    b = b_h.reshape(gates * hidden)
-    gx = gates_x.reshape(time, batch, gates * hidden)
-    keep = (~resets).astype(gx.dtype)  # (time, batch): 0 where the carry resets
-    mask = None if mask is None else mask.astype(gx.dtype)
+    w, b, gx, keep, mask = _flat(w_h, b_h, gates_x, resets, mask)
     if rnn_cpu.usable(gx, w, b, *carry):
         outs, final, residuals = rnn_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask)
     else:
@@ -262,9 +276,8 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
     else:
         dzs, d_carry = _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs,
                                      (d_h, d_c))
-    d_w_h = (h0s.reshape(time * batch, hidden).T @ dzs.reshape(time * batch, 4 * hidden))
-    d_gates = dzs.reshape(time, batch, 4, hidden)
-    return d_w_h.reshape(hidden, 4, hidden), d_gates.sum((0, 1)), d_gates, d_carry, None, None
+    d_w_h, d_b_h = _weight_grads(h0s, dzs)
+    return d_w_h, d_b_h, dzs.reshape(time, batch, 4, hidden), d_carry, None, None
 
 
 def _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs, d_carry):
@@ -309,13 +322,8 @@ lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
 def _gru_fwd(reverse, w_h, b_h, gates_x, carry, resets, mask, save=True):
     """The GRU recurrence in the CPU kernel; residuals: per step r, z, n, the h-gate of n
     and the h the step started from."""
-    time, batch, gates, hidden = gates_x.shape
-    w = w_h.reshape(hidden, gates * hidden)
-    keep = (~resets).astype(gates_x.dtype)
-    mask = None if mask is None else mask.astype(gates_x.dtype)
-    outs, h, residuals = rnn_cpu.gru_forward(
-        reverse, save, gates_x.reshape(time, batch, gates * hidden), w,
-        b_h.reshape(gates * hidden), carry, keep, mask)
+    w, b, gx, keep, mask = _flat(w_h, b_h, gates_x, resets, mask)
+    outs, h, residuals = rnn_cpu.gru_forward(reverse, save, gx, w, b, carry, keep, mask)
     return (outs, h), (w, *residuals, keep, mask)
 
 
@@ -324,9 +332,8 @@ def _gru_bwd(reverse, residuals, cotangents):
     d_outs, d_h = cotangents
     time, batch, hidden = h0s.shape
     d_gx, d_gh, d_h = rnn_cpu.gru_backward(reverse, acts, h0s, keep, mask, d_outs, w, d_h)
-    d_w_h = h0s.reshape(time * batch, hidden).T @ d_gh.reshape(time * batch, 3 * hidden)
-    return (d_w_h.reshape(hidden, 3, hidden), d_gh.reshape(time * batch, 3, hidden).sum(0),
-            d_gx.reshape(time, batch, 3, hidden), d_h, None, None)
+    d_w_h, d_b_h = _weight_grads(h0s, d_gh)
+    return d_w_h, d_b_h, d_gx.reshape(time, batch, 3, hidden), d_h, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -234,7 +234,10 @@ struct Forward {
       vf i = vsigmoid(load(z + j)), f = vsigmoid(load(z + H + j));
       vf g = vtanh(load(z + 2 * H + j)), o = vsigmoid(load(z + 3 * H + j));
       vf c1 = f * load(c + j) + i * g, t1 = vtanh(c1), h1 = o * t1;
-      if (a) store(a + j, i), store(a + H + j, f), store(a + 2 * H + j, g), store(a + 3 * H + j, o);
+      if (a) {
+        store(a + j, i), store(a + H + j, f);
+        store(a + 2 * H + j, g), store(a + 3 * H + j, o);
+      }
       store(out + j, h1);
       if (tc) store(tc + j, t1);
       if (take) store(h + j, h1), store(c + j, c1);
@@ -382,7 +385,10 @@ struct GruForwardPass {
       vf h1 = step(load(x + j), load(x + H + j), load(x + 2 * H + j), load(gh + j),
                    load(gh + H + j), ghn, load(h + j), r, z, n, vsigmoid, vtanh);
       store(out + j, h1);
-      if (a) store(a + j, r), store(a + H + j, z), store(a + 2 * H + j, n), store(a + 3 * H + j, ghn);
+      if (a) {
+        store(a + j, r), store(a + H + j, z);
+        store(a + 2 * H + j, n), store(a + 3 * H + j, ghn);
+      }
       if (take) store(h + j, h1);
     }
     for (; j < H; ++j) {
@@ -535,8 +541,8 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::B
       keep.element_count() != size_t(d.time) * d.batch)
     return ffi::Error::InvalidArgument("GRU kernel: inconsistent operand shapes");
   GruForwardPass f{d, reverse, save, gx.typed_data(), w.typed_data(), bias.typed_data(),
-               h_init.typed_data(), keep.typed_data(), optional(mask), outs->typed_data(),
-               h_last->typed_data(), acts->typed_data(), h_starts->typed_data()};
+                   h_init.typed_data(), keep.typed_data(), optional(mask), outs->typed_data(),
+                   h_last->typed_data(), acts->typed_data(), h_starts->typed_data()};
   parallel_rows(pool, d.batch, [&f](int r0, int r1) { f.rows(r0, r1); });
   return ffi::Error::Success();
 }
@@ -554,8 +560,8 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts,
       w_t.element_count() != size_t(d.hidden) * 3 * d.hidden)
     return ffi::Error::InvalidArgument("GRU kernel: inconsistent operand shapes");
   GruBackwardPass b{d, reverse, acts.typed_data(), h_starts.typed_data(), keep.typed_data(),
-                optional(mask), d_outs.typed_data(), w_t.typed_data(), dh_last.typed_data(),
-                d_gx->typed_data(), d_gh->typed_data(), dh_init->typed_data()};
+                    optional(mask), d_outs.typed_data(), w_t.typed_data(), dh_last.typed_data(),
+                    d_gx->typed_data(), d_gh->typed_data(), dh_init->typed_data()};
   parallel_rows(pool, d.batch, [&b](int r0, int r1) { b.rows(r0, r1); });
   return ffi::Error::Success();
 }
