@@ -133,8 +133,10 @@ def _require() -> None:
                            "check rnn_cpu.usable() before calling it")
 
 
-def _none() -> jax.Array:
-    return jnp.zeros((0,), jnp.float32)
+def _mask_operand(mask):
+    """The mask as a kernel operand and its batch axis: no mask (no padding) is an empty
+    array that every device gets whole."""
+    return (jnp.zeros((0,), jnp.float32), None) if mask is None else (mask, 1)
 
 
 def _over_batch(fn, args, arg_axes, out_axes):
@@ -165,8 +167,7 @@ def forward(reverse: bool, save: bool, gx, w, b, h, c, keep, mask):
     residuals acts (time, batch, 4 hidden: activated i, f, g, o), the carries each step
     started from h0s, c0s and tanh of the new cell state (time, batch, hidden) each."""
     _require()
-    mask_axis = None if mask is None else 1
-    mask = _none() if mask is None else mask
+    mask, mask_axis = _mask_operand(mask)
     res_axes = (1,) * 4 if save else (None,) * 4
 
     def call(gx, w, b, h, c, keep, mask):
@@ -188,8 +189,7 @@ def backward(reverse: bool, acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c):
     """Gradients through the recurrence: dz (time, batch, 4 hidden), the gradient of the
     pre-activation gates at every step, and that of the initial (h, c)."""
     _require()
-    mask_axis = None if mask is None else 1
-    mask = _none() if mask is None else mask
+    mask, mask_axis = _mask_operand(mask)
 
     def call(acts, c0s, tcs, keep, mask, d_outs, w_t, d_h, d_c):
         time, batch, hidden = d_outs.shape
@@ -210,8 +210,7 @@ def gru_forward(reverse: bool, save: bool, gx, w, b, h, keep, mask):
     `save`, the residuals acts (time, batch, 4 hidden: r, z, n and the h-gate of n) and
     the h each step started from, h0s (time, batch, hidden)."""
     _require()
-    mask_axis = None if mask is None else 1
-    mask = _none() if mask is None else mask
+    mask, mask_axis = _mask_operand(mask)
     res_axes = (1, 1) if save else (None, None)
 
     def call(gx, w, b, h, keep, mask):
@@ -234,8 +233,7 @@ def gru_backward(reverse: bool, acts, h0s, keep, mask, d_outs, w, d_h):
     h-gates d_gh (time, batch, 3 hidden each; they differ in the n block) and of the
     initial h."""
     _require()
-    mask_axis = None if mask is None else 1
-    mask = _none() if mask is None else mask
+    mask, mask_axis = _mask_operand(mask)
 
     def call(acts, h0s, keep, mask, d_outs, w_t, d_h):
         time, batch, hidden = d_outs.shape
