@@ -12,8 +12,11 @@
 * torch: `nn.LSTM(128, 128, num_layers=2)` or `nn.GRU` (skipped with a message if torch
   is missing).
 
-All are timed in the same process, interleaved over several rounds, and the ratios
-against PyTorch are printed, so a busy machine affects them alike.
+All are timed in the same process, interleaved over several rounds, so a busy machine
+affects them alike. `vs torch` is the median over rounds of each round's ratio (PyTorch's
+median step time over this implementation's, the two measured a few seconds apart), with
+the lowest and highest round beside it: on a shared machine whose speed drifts from
+minute to minute, the spread says how far one figure can be trusted.
 
     python experiments/char_lm/bench_rnn.py [--steps=50] [--rounds=5] [--cell=lstm|gru]
 """
@@ -224,12 +227,14 @@ def main() -> None:
         ms = statistics.median(values) * 1e3
         result[name] = {"ms_per_step": ms, "tokens_per_sec": BATCH * LENGTH / ms * 1e3,
                         "first_loss": first_loss[name]}
-    reference = result.get("torch")
-    print(f"{'impl':9} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}")
+    print(f"{'impl':9} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}  {'rounds':>11}")
     for name, r in result.items():
-        ratio = r["tokens_per_sec"] / reference["tokens_per_sec"] if reference else float("nan")
-        r["vs_torch"] = ratio
-        print(f"{name:9} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} {ratio:8.2f}x")
+        ratios = [t / v for t, v in zip(medians["torch"], medians[name])] \
+            if "torch" in medians else [float("nan")]
+        r["vs_torch"] = statistics.median(ratios)
+        r["vs_torch_range"] = [min(ratios), max(ratios)]
+        print(f"{name:9} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} "
+              f"{r['vs_torch']:8.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x")
     print("bench_rnn: " + json.dumps(result, sort_keys=True))
 
 
