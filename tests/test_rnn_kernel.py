@@ -108,6 +108,92 @@ def test_lm_training_step_runs_the_kernel(cell):
     assert grad.lower(params).as_text().count(KERNELS[cell][1]) == 2  # one per layer
 
 
+@pytest.mark.parametrize("shape", [
+    (50, 50, 128, 128, 512, 65),  # char-rnn: whole 64-column panels, two threads
+    (7, 3, 40, 24, 160, 11),  # 2 panels and a 32-column tail
+    (4, 3, 6, 0, 70, 9),  # one input; 6 tail columns
+    (3, 2, 5, 3, 48, 0),  # no whole panel; no table
+], ids=str)
+def test_gradient_sums_equal_numpy(shape):
+    """Products with up to two inputs, the column sums and the table scatter-add (ids
+    past the table clamped, as XLA's gather clamps them) equal float64 NumPy within the
+    bound on float32 summation of `rows` terms: rows * 2^-24 * the sum of |terms|."""
+    time, batch, m1, m2, n, vocab = shape
+    rng = np.random.default_rng(n)
+    d, a1, a2 = (rng.normal(size=(time, batch, k)).astype(np.float32) for k in (n, m1, m2))
+    inputs = [a1, a2] if m2 else [a1]
+    ids = rng.integers(-2, vocab + 2, size=(time, batch)) if vocab else None
+    products, sums, table = jax.jit(
+        lambda d, *a: rnn_cpu.gradient_sums(d, a, None if ids is None else jnp.asarray(ids),
+                                            vocab))(d, *inputs)
+    rows = time * batch
+    flat = d.reshape(rows, n).astype(np.float64)
+
+    def check(got, want, magnitude):
+        np.testing.assert_array_less(np.abs(got - want), (rows + 1) * 2.0 ** -24 * magnitude
+                                     + 1e-30)
+
+    for got, a in zip(products, inputs, strict=True):
+        a = a.reshape(rows, -1).astype(np.float64)
+        check(got, a.T @ flat, np.abs(a).T @ np.abs(flat))
+    check(sums, flat.sum(0), np.abs(flat).sum(0))
+    if vocab:
+        want, magnitude = np.zeros((vocab, n)), np.zeros((vocab, n))
+        np.add.at(want, np.clip(ids.reshape(-1), 0, vocab - 1), flat)
+        np.add.at(magnitude, np.clip(ids.reshape(-1), 0, vocab - 1), np.abs(flat))
+        check(table, want, magnitude)
+    else:
+        assert table is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_lm_gradients_equal_xla(cell):
+    """The whole LM's loss and gradients with the kernels (kernel_lstm, the projection and
+    lookup gradients, the time-major head) equal the XLA path's (JAX's own autodiff of
+    the projection, lookup and head); 40 hidden units: ragged panels everywhere."""
+    config = rnn.RNNConfig(cell=cell, vocab_size=23, embed_dim=24, hidden_dim=40,
+                           num_layers=2)
+    model = rnn.RNNLM(config)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 23, size=(9, 11)), jnp.int32)
+    resets = jnp.asarray(rng.random((9, 11)) < 0.1)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    carry = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                         config.zero_carry(9))
+
+    def loss(p):
+        logits, new = model.apply({"params": p}, tokens, carry, resets)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 3]) + sum(
+            jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new))
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    assert "lmjax_GradientSums" in fn.lower(params).as_text()
+    got = fn(params)
+    with rnn_cpu.disabled():
+        want = jax.jit(jax.value_and_grad(loss))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_bilstm_kernel_gradients_equal_xla():
+    """kernel_lstm with padding and time reversed (the BiLSTM classifier's layers)."""
+    layer = rnn.BiLayer("lstm", 40)
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.normal(size=(7, 10, 24)), jnp.float32)
+    mask = jnp.asarray(np.arange(10)[None] < rng.integers(3, 11, size=(7, 1)))
+    params = layer.init(jax.random.key(0), xs, mask)["params"]
+    weights = jnp.asarray(rng.normal(size=(7, 10, 80)), jnp.float32)
+
+    def loss(p, xs):
+        return jnp.sum(layer.apply({"params": p}, xs, mask) * weights)
+
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
+    with rnn_cpu.disabled():
+        want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
 def test_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LMJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")

@@ -56,9 +56,9 @@ def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = RULES.get("fsdp_tensor")
     task = StreamLMTask(rnn.RNNLM(config), data, LENGTH, config.zero_carry)
-    scratch = tempfile.mkdtemp(prefix="lmjax-bench-rnn-")
-    setup = trainer.build(None, train, mesh, rules, scratch, task=task)
-    setup.checkpoints.close()
+    with tempfile.TemporaryDirectory(prefix="lmjax-bench-rnn-") as scratch:  # never written
+        setup = trainer.build(None, train, mesh, rules, scratch, task=task)
+        setup.checkpoints.close()
     batches = task.train_iterator(BATCH, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
@@ -229,7 +229,7 @@ def main() -> None:
                         "first_loss": first_loss[name]}
     print(f"{'impl':9} {'ms/step':>8} {'tokens/s':>10} {'vs torch':>9}  {'rounds':>11}")
     for name, r in result.items():
-        ratios = [t / v for t, v in zip(medians["torch"], medians[name])] \
+        ratios = [t / v for t, v in zip(medians["torch"], medians[name], strict=True)] \
             if "torch" in medians else [float("nan")]
         r["vs_torch"] = statistics.median(ratios)
         r["vs_torch_range"] = [min(ratios), max(ratios)]

@@ -19,7 +19,12 @@ Speed on small CPUs comes from the layout, not from the cells' arithmetic:
   whole time loop; the `lax.scan` passes above are its fallback and reference. The GRU
   has the same kind of kernel (`gru_scan`), with the generic scan below as fallback;
 * LSTM and Elman layers fed by a projection add b_i to the recurrence's bias rather than
-  to every timestep's projection (the two only ever appear summed).
+  to every timestep's projection (the two only ever appear summed);
+* on the CPU, the weight, bias and embedding-table gradients are sums over all timesteps
+  of the gates' gradient, taken by a kernel in one pass over it (`rnn_cpu.gradient_sums`:
+  an LSTM layer's input and recurrent weights, its bias and its lookup table together,
+  in `kernel_lstm`); the LM's output layer runs time-major, so that no transpose sits
+  between it and the recurrence.
 
 Gate order and equations follow PyTorch's `nn.LSTM`/`nn.GRU` (see each cell's docstring),
 so the NumPy reference in tests/test_rnn.py is a transcription of those documented
@@ -110,10 +115,63 @@ def zero_carry(cell: str, batch: int, hidden: int, dtype=jnp.float32):
 def _project(xs: Array, w_i: Array) -> Array:
     """xs (batch, time, in) @ w_i (in, gates, hidden) -> (time, batch, gates, hidden):
     one 2-D product for all timesteps, time-major for the scan."""
-    batch, time, features = xs.shape
-    _, gates, hidden = w_i.shape
-    flat = jnp.swapaxes(xs, 0, 1).reshape(time * batch, features)
-    return (flat @ w_i.reshape(features, gates * hidden)).reshape(time, batch, gates, hidden)
+    features, gates, hidden = w_i.shape
+    xs = jnp.swapaxes(xs, 0, 1)
+    w = w_i.reshape(features, gates * hidden)
+    return _matmul(xs, w).reshape(*xs.shape[:2], gates, hidden)
+
+
+def _matmul(xs, w):
+    """xs (time, batch, in) @ w (in, out) as one 2-D product; on the CPU in float32 with
+    `_product`'s weight gradient."""
+    return _product(xs, w) if rnn_cpu.usable(xs, w) else _flat_matmul(xs, w)
+
+
+def _flat_matmul(xs, w):
+    return (xs.reshape(-1, xs.shape[-1]) @ w).reshape(*xs.shape[:-1], w.shape[-1])
+
+
+@jax.custom_vjp
+def _product(xs, w):
+    """`_flat_matmul` whose weight gradient comes from rnn_cpu.gradient_sums (XLA's CPU
+    backend runs the x^T dy of its own gradient at two thirds of a plain product's speed)."""
+    return _flat_matmul(xs, w)
+
+
+def _product_fwd(xs, w):
+    return _flat_matmul(xs, w), (xs, w)
+
+
+def _product_bwd(residuals, d_out):
+    xs, w = residuals
+    return _flat_matmul(d_out, w.T), rnn_cpu.gradient_sums(d_out, [xs])[0][0]
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def _lookup(table, ids):
+    """table (vocab, ...)[ids]; on the CPU in float32 the gradient is the kernel's
+    rnn_cpu.gradient_sums (XLA's scatter-add first copies the gradient to a new layout)."""
+    return _table_lookup(table, ids) if rnn_cpu.usable(table) else table[ids]
+
+
+@jax.custom_vjp
+def _table_lookup(table, ids):
+    return table[ids]
+
+
+def _table_lookup_fwd(table, ids):
+    return table[ids], (table, ids)
+
+
+def _table_lookup_bwd(residuals, d_out):
+    table, ids = residuals
+    d = d_out.reshape(*ids.shape, -1)
+    return rnn_cpu.gradient_sums(d, ids=ids, vocab=table.shape[0])[2].reshape(table.shape), None
+
+
+_table_lookup.defvjp(_table_lookup_fwd, _table_lookup_bwd)
 
 
 def _select(flag: Array, new, old):
@@ -223,11 +281,15 @@ def _flat(w_h, b_h, gates_x, resets, mask):
 
 def _weight_grads(h0s, d_gh):
     """d W_h = sum_t h0_t^T d gh_t as one product, and d b_h; d_gh (time, batch, gates
-    hidden) -> ((hidden, gates, hidden), (gates, hidden))."""
+    hidden) -> ((hidden, gates, hidden), (gates, hidden)). On the CPU in float32 both come
+    from one kernel pass (rnn_cpu.gradient_sums)."""
     time, batch, hidden = h0s.shape
-    d_gh = d_gh.reshape(time * batch, -1, hidden)
-    d_w_h = h0s.reshape(time * batch, hidden).T @ d_gh.reshape(time * batch, -1)
-    return d_w_h.reshape(hidden, -1, hidden), d_gh.sum(0)
+    if rnn_cpu.usable(h0s, d_gh):
+        (d_w_h,), d_b_h, _ = rnn_cpu.gradient_sums(d_gh, [h0s])
+    else:
+        flat = d_gh.reshape(time * batch, -1)
+        d_w_h, d_b_h = h0s.reshape(time * batch, hidden).T @ flat, flat.sum(0)
+    return d_w_h.reshape(hidden, -1, hidden), d_b_h.reshape(-1, hidden)
 
 
 def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True):
@@ -267,17 +329,21 @@ def _lstm_xla_fwd(reverse, unroll, gx, w, b, carry, keep, mask):
 
 
 def _lstm_bwd(reverse, unroll, residuals, cotangents):
-    w, acts, h0s, c0s, tcs, keep, mask = residuals
-    d_outs, (d_h, d_c) = cotangents
+    h0s = residuals[2]
     time, batch, hidden = h0s.shape
-    if rnn_cpu.usable(w, acts, d_outs, d_h, d_c):
-        dzs, d_carry = rnn_cpu.backward(reverse, acts, c0s, tcs, keep, mask, d_outs, w, d_h,
-                                         d_c)
-    else:
-        dzs, d_carry = _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs,
-                                     (d_h, d_c))
+    dzs, d_carry = _lstm_dzs(reverse, unroll, residuals, cotangents)
     d_w_h, d_b_h = _weight_grads(h0s, dzs)
     return d_w_h, d_b_h, dzs.reshape(time, batch, 4, hidden), d_carry, None, None
+
+
+def _lstm_dzs(reverse, unroll, residuals, cotangents):
+    """The gradients of the pre-activation gates (time, batch, 4 hidden) and of the
+    initial carry."""
+    w, acts, h0s, c0s, tcs, keep, mask = residuals
+    d_outs, (d_h, d_c) = cotangents
+    if rnn_cpu.usable(w, acts, d_outs, d_h, d_c):
+        return rnn_cpu.backward(reverse, acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c)
+    return _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs, (d_h, d_c))
 
 
 def _lstm_xla_bwd(reverse, unroll, w, acts, c0s, tcs, keep, mask, d_outs, d_carry):
@@ -317,6 +383,44 @@ def lstm_scan(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask):
 
 
 lstm_scan.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def kernel_lstm(reverse, w_h, b_h, x, w_i, carry, resets, mask):
+    """A whole LSTM layer in the CPU kernels (float32 on the CPU: check rnn_cpu.usable):
+    its input projection (x (time, batch, in) with w_i (in, 4, hidden)) or lookup (x
+    (time, batch) int32 ids into w_i, a (vocab, 4, hidden) table of projections), then
+    `lstm_scan`'s recurrence. The backward pass takes every weight and bias gradient,
+    the projection's or the table's included, from one pass over the gates' gradient
+    (rnn_cpu.gradient_sums) instead of one XLA op each."""
+    return _kernel_lstm_fwd(reverse, w_h, b_h, x, w_i, carry, resets, mask, save=False)[0]
+
+
+def _kernel_lstm_fwd(reverse, w_h, b_h, x, w_i, carry, resets, mask, save=True):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        gates_x = w_i[x]
+    else:
+        gates_x = _flat_matmul(x, w_i.reshape(w_i.shape[0], -1)).reshape(*x.shape[:2], 4, -1)
+    outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, gates_x, carry, resets, mask, save)
+    return outs, (residuals, x, w_i)
+
+
+def _kernel_lstm_bwd(reverse, residuals, cotangents):
+    residuals, x, w_i = residuals
+    h0s = residuals[2]
+    hidden = h0s.shape[-1]
+    dzs, d_carry = _lstm_dzs(reverse, 1, residuals, cotangents)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        (d_w_h,), d_b, d_w_i = rnn_cpu.gradient_sums(dzs, [h0s], ids=x, vocab=w_i.shape[0])
+        d_x = None
+    else:
+        (d_w_i, d_w_h), d_b, _ = rnn_cpu.gradient_sums(dzs, [x, h0s])
+        d_x = _flat_matmul(dzs, w_i.reshape(w_i.shape[0], -1).T)
+    return (d_w_h.reshape(hidden, 4, hidden), d_b.reshape(4, hidden), d_x,
+            d_w_i.reshape(w_i.shape), d_carry, None, None)
+
+
+kernel_lstm.defvjp(_kernel_lstm_fwd, _kernel_lstm_bwd)
 
 
 def _gru_fwd(reverse, w_h, b_h, gates_x, carry, resets, mask, save=True):
@@ -382,17 +486,24 @@ class RecurrentLayer(nn.Module):
         b_h = self.param("b_h", layers.zeros(BIAS_AXES), (spec.gates, self.hidden))
         if carry is None:
             carry = zero_carry(self.cell, batch, self.hidden, inputs.dtype)
+        resets = jnp.zeros((time, batch), bool) if resets is None else resets.T
+        mask = None if mask is None else mask.T
         # All timesteps' input projections in one product: (time, batch, gates, hidden).
+        table = None if embedding is None else _project(embedding[None], w_i)[:, 0] + b_i
+        if self.cell == "lstm" and rnn_cpu.usable(inputs, w_i, w_h, *carry):
+            if table is not None:  # the projections of the vocabulary, looked up in it
+                x, w, bias = xs.T.astype(jnp.int32), table, b_h
+            else:
+                x, w, bias = jnp.swapaxes(xs, 0, 1), w_i, b_h + b_i
+            outs, carry = kernel_lstm(self.reverse, w_h, bias, x, w, carry, resets, mask)
+            return jnp.swapaxes(outs, 0, 1), carry
         bias = b_h
-        if embedding is not None:
-            table = _project(embedding[None], w_i)[:, 0] + b_i  # (vocab, gates, hidden)
-            gates_x = table[xs.T]
+        if table is not None:  # (vocab, gates, hidden)
+            gates_x = _lookup(table, xs.T.astype(jnp.int32))
         elif self.cell == "gru":  # GRU's b_h sits inside r * (h W_h + b_h): kept apart
             gates_x = _project(xs, w_i) + b_i
         else:  # b_i and b_h only ever appear summed: one pass less over gates_x each way
             gates_x, bias = _project(xs, w_i), b_h + b_i
-        resets = jnp.zeros((time, batch), bool) if resets is None else resets.T
-        mask = None if mask is None else mask.T
         outs, carry = recurrent_scan(self.cell, self.reverse, self.unroll, w_h, bias, gates_x,
                                      carry, resets, mask)
         return jnp.swapaxes(outs, 0, 1), carry  # (batch, time, hidden)
@@ -470,9 +581,24 @@ class RNNLM(nn.Module):
                 x, carry[name], resets, embedding=embed.embedding if fold and i == 0 else None)
             x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
             x = layers.constrain(x, ("batch", "length", "act_mlp"))
-        logits = layers.Dense((c.vocab_size,), ("embed", "vocab"), std=0.05,
-                              name="head")(x).astype(jnp.float32)
-        return logits, new_carry
+        logits = Head(c.vocab_size, name="head")(jnp.swapaxes(x, 0, 1))
+        return logits.astype(jnp.float32), new_carry
+
+
+class Head(nn.Module):
+    """The output layer, fed time-major: x (time, batch, in) -> logits (batch, time,
+    vocab), with layers.Dense's parameters (kernel (in, vocab), bias). Time-major, its
+    input and its input's gradient need no transpose between it and the recurrence; its
+    weight gradient is `_product`'s."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", layers.init(0.05, ("embed", "vocab")),
+                            (x.shape[-1], self.vocab))
+        bias = self.param("bias", layers.zeros(("vocab",)), (self.vocab,))
+        return jnp.swapaxes(_matmul(x, kernel.astype(x.dtype)) + bias, 0, 1)
 
 
 class BiLayer(nn.Module):

@@ -1,5 +1,7 @@
 // LSTM and GRU recurrences for XLA's CPU backend, as XLA FFI handlers (forward and
-// backward for each; the GRU's are further down and share the product and threading).
+// backward for each; the GRU's are further down and share the product and threading),
+// and the sums over all timesteps that give their weight, bias and lookup-table
+// gradients (GradientSums, at the end).
 //
 // Why: at char-rnn's size (batch 50, hidden 128) an XLA while loop spends most of each
 // step on the fixed cost of a dozen small kernels (the recurrent product, the gate
@@ -189,14 +191,14 @@ int num_parts(int rows, int threads) {
   return std::max(1, std::min(rounds * threads, rows / 4));
 }
 
-// Runs fn(row_begin, row_end) over batch rows split into contiguous parts (num_parts).
+// Runs fn(row_begin, row_end) over rows split into contiguous parts (num_parts unless given).
 // The parts go to XLA's own CPU thread pool (whose idle threads would otherwise spin
 // beside ours) and to the calling thread, each taking the next unclaimed part; nobody
 // waits for a part nobody has started, so a pool thread busy with another XLA op joins
 // when it is free and never stalls the call.
 template <typename F>
-void parallel_rows(ffi::ThreadPool& pool, int rows, F fn) {
-  const int parts = num_parts(rows, int(pool.num_threads()));
+void parallel_rows(ffi::ThreadPool& pool, int rows, F fn, int parts = 0) {
+  if (parts <= 0) parts = num_parts(rows, int(pool.num_threads()));
   const int helpers = std::min(int(pool.num_threads()), parts - 1);
   if (helpers <= 0) return fn(0, rows);
   struct Shared {
@@ -518,6 +520,151 @@ struct GruBackwardPass {
   }
 };
 
+// Sums over all rows (timesteps x batch rows) of a gradient D (rows x n): the weight
+// gradients A^T D (m x n) of one or two inputs A (rows x m), the column sums of D (a
+// bias gradient) and, given ids, the rows of D added into a table's rows (an embedding
+// lookup's gradient), all from one pass over D. XLA's CPU backend gives a product whose
+// left operand is transposed to Eigen, at about two thirds of the speed of a plain
+// product, and copies D to a new layout before a scatter-add. Here D is packed chunk by
+// chunk (kChunk rows) into the panels of 64 columns that stay in L1 (as `Panels` does
+// for the weights) and every output takes its share of the panel while it is there; the
+// threads take disjoint sets of panels, so their outputs need no reduction.
+constexpr int kChunk = 128;
+
+// c (rows x 64, stride ldc) += a^T b over k, for a (k x rows, row stride lda) and a
+// packed panel b (k x 64).
+template <int MR>
+inline void strip_block(int k, const float* a, int lda, const float* b, float* c, int ldc) {
+  vf acc[MR][4] = {};
+  for (int p = 0; p < k; ++p, a += lda, b += kPanelCols) {
+    vf bv[4];
+    for (int j = 0; j < 4; ++j) bv[j] = load(b + j * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      vf av = splat(a[r]);
+      for (int j = 0; j < 4; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float* out = c + r * ldc + j * kLanes;
+      store(out, load(out) + acc[r][j]);
+    }
+}
+
+void strip_dispatch(int rows, int k, const float* a, int lda, const float* b, float* c, int ldc) {
+  switch (rows) {
+    case 1: return strip_block<1>(k, a, lda, b, c, ldc);
+    case 2: return strip_block<2>(k, a, lda, b, c, ldc);
+    case 3: return strip_block<3>(k, a, lda, b, c, ldc);
+#ifdef __AVX512F__
+    case 4: return strip_block<4>(k, a, lda, b, c, ldc);
+    case 5: return strip_block<5>(k, a, lda, b, c, ldc);
+    case 6: return strip_block<6>(k, a, lda, b, c, ldc);
+#endif
+  }
+}
+
+struct Input {  // an A and its product C = A^T D
+  int m;
+  const float* a;
+  float* c;
+};
+
+struct RowSums {
+  int rows, n, vocab;
+  const float* d;
+  std::vector<Input> inputs;
+  float* col_sums;
+  const int32_t* ids;  // null: no table
+  float* table;
+
+  // Columns [panel0 * 64, panel1 * 64) of every output; the part that ends at the last
+  // whole panel also takes the columns past it.
+  void panels(int panel0, int panel1) const {
+    const int col0 = panel0 * kPanelCols, col1 = panel1 * kPanelCols;
+    for (const Input& in : inputs) zero(in.c, in.m, col0, col1);
+    zero(col_sums, 1, col0, col1);
+    if (ids) zero(table, vocab, col0, col1);
+    std::vector<float> panel(size_t(kChunk) * kPanelCols);
+    for (int k0 = 0; k0 < rows; k0 += kChunk) {
+      const int kc = std::min(kChunk, rows - k0);
+      for (int col = col0; col < col1; col += kPanelCols) {
+        pack(k0, kc, col, panel.data());
+        for (const Input& in : inputs) product(in, k0, kc, col, panel.data());
+      }
+    }
+    if (panel1 == n / kPanelCols && col1 < n) tail(col1);
+  }
+
+  void zero(float* out, int out_rows, int col0, int col1) const {
+    for (int i = 0; i < out_rows; ++i)
+      std::fill(out + size_t(i) * n + col0, out + size_t(i) * n + col1, 0.0f);
+  }
+
+  // The panel of rows k0.. and columns col..col + 63, added to the column sums and to the
+  // table rows of their ids.
+  void pack(int k0, int kc, int col, float* out) const {
+    vf sums[4];
+    for (int j = 0; j < 4; ++j) sums[j] = load(col_sums + col + j * kLanes);
+    for (int p = 0; p < kc; ++p, out += kPanelCols) {
+      float* row = ids ? table + size_t(clamped(k0 + p)) * n + col : nullptr;
+      for (int j = 0; j < 4; ++j) {
+        vf v = load(d + size_t(k0 + p) * n + col + j * kLanes);
+        store(out + j * kLanes, v);
+        sums[j] += v;
+        if (row) store(row + j * kLanes, load(row + j * kLanes) + v);
+      }
+    }
+    for (int j = 0; j < 4; ++j) store(col_sums + col + j * kLanes, sums[j]);
+  }
+
+  // Ids past the table are clamped, as XLA's gather clamps them.
+  int clamped(int row) const { return std::clamp(int(ids[row]), 0, vocab - 1); }
+
+  // C[:, col..col + 63] += A[k0..k0 + kc]^T panel, in strips of the even heights
+  // row_blocks uses (128 columns of A: 18 strips of 6 and 4 of 5).
+  void product(const Input& in, int k0, int kc, int col, const float* panel) const {
+    const float* a = in.a + size_t(k0) * in.m;
+    for (int i = 0, left = (in.m + kMaxRows - 1) / kMaxRows; i < in.m; --left) {
+      const int height = (in.m - i + left - 1) / left;
+      strip_dispatch(height, kc, a + i, in.m, panel, in.c + size_t(i) * n + col, n);
+      i += height;
+    }
+  }
+
+  // Columns past the last whole panel (65 logits: one). Products as C^T: per row of A
+  // and per column, a broadcast of d times the row of a, accumulated over all rows.
+  void tail(int col0) const {
+    const int cols = n - col0;
+    std::vector<float> sums(cols, 0.0f);
+    if (ids) zero(table, vocab, col0, n);
+    for (int p = 0; p < rows; ++p) {
+      const float* dr = d + size_t(p) * n + col0;
+      for (int j = 0; j < cols; ++j) sums[j] += dr[j];
+      if (ids)
+        for (int j = 0; j < cols; ++j) table[size_t(clamped(p)) * n + col0 + j] += dr[j];
+    }
+    for (int j = 0; j < cols; ++j) col_sums[col0 + j] = sums[j];
+    for (const Input& in : inputs) {
+      std::vector<float> ct(size_t(cols) * in.m, 0.0f);
+      for (int p = 0; p < rows; ++p) {
+        const float* ar = in.a + size_t(p) * in.m;
+        for (int j = 0; j < cols; ++j) {
+          float* acc = ct.data() + size_t(j) * in.m;
+          const float dj = d[size_t(p) * n + col0 + j];
+          const vf dv = splat(dj);
+          int i = 0;
+          for (; i + kLanes <= in.m; i += kLanes)
+            store(acc + i, load(acc + i) + dv * load(ar + i));
+          for (; i < in.m; ++i) acc[i] += dj * ar[i];
+        }
+      }
+      for (int j = 0; j < cols; ++j)
+        for (int i = 0; i < in.m; ++i) in.c[size_t(i) * n + col0 + j] = ct[size_t(j) * in.m + i];
+    }
+  }
+};
+
 const float* optional(ffi::Buffer<ffi::F32>& b) {
   return b.element_count() == 0 ? nullptr : b.typed_data();
 }
@@ -613,6 +760,45 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts,
   return ffi::Error::Success();
 }
 
+// d (..., n); a1 (..., m1), a2 (..., m2) with d's leading dimensions, or empty; ids
+// (...) int32 or empty -> a1^T d (m1, n), a2^T d (m2, n), the column sums of d (n,) and
+// the table (vocab, n) with d's rows added into the rows of their ids (outputs of
+// absent inputs are empty).
+ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
+                            ffi::Buffer<ffi::F32> a1, ffi::Buffer<ffi::F32> a2,
+                            ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> c1,
+                            ffi::ResultBuffer<ffi::F32> c2, ffi::ResultBuffer<ffi::F32> col_sums,
+                            ffi::ResultBuffer<ffi::F32> table) {
+  auto dims = d.dimensions();
+  const int n = dims.size() == 0 ? 0 : int(dims.back());
+  const size_t rows = n ? d.element_count() / n : 0;
+  if (n == 0 || col_sums->element_count() != size_t(n))
+    return ffi::Error::InvalidArgument("gradient sums: d must be (rows..., columns)");
+  RowSums g{int(rows), n, 0, d.typed_data(), {}, col_sums->typed_data(), nullptr, nullptr};
+  for (auto [a, c] : {std::pair{&a1, &c1}, std::pair{&a2, &c2}}) {
+    if (a->element_count() == 0) continue;
+    const int m = int(a->dimensions().back());
+    if (a->element_count() != rows * m || (*c)->element_count() != size_t(m) * n)
+      return ffi::Error::InvalidArgument("gradient sums: an input's rows differ from d's");
+    g.inputs.push_back({m, a->typed_data(), (*c)->typed_data()});
+  }
+  if (ids.element_count() != 0) {
+    if (ids.element_count() != rows || table->element_count() % n != 0)
+      return ffi::Error::InvalidArgument("gradient sums: ids must have d's rows");
+    g.ids = ids.typed_data(), g.table = table->typed_data();
+    g.vocab = int(table->element_count() / n);
+  }
+  const int panels = n / kPanelCols;
+  if (panels == 0) {
+    g.tail(0);
+    return ffi::Error::Success();
+  }
+  // One part per thread (each panel is a whole pass over d's rows).
+  const int parts = std::min(panels, std::max(1, int(pool.num_threads())));
+  parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, parts);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
@@ -679,6 +865,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GruBackward, GruBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("reverse")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GradientSums, GradientSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,5 +1,6 @@
 """The LSTM and GRU recurrences as compiled CPU kernels (rnn_cpu.cc), called through
-XLA's FFI.
+XLA's FFI, and `gradient_sums`, the weight, bias and lookup-table gradients summed over
+all timesteps in one pass over the gates' gradient.
 
 XLA's CPU backend runs a `lax.scan` body as a dozen small kernels per step, and at
 char-rnn's size their fixed cost outweighs the arithmetic; a kernel runs the whole time
@@ -101,7 +102,7 @@ def available() -> bool:
     except (RuntimeError, OSError) as e:
         log.warning("RNN CPU kernels unavailable, using the XLA scan: %s", e)
         return False
-    for name in ("LstmForward", "LstmBackward", "GruForward", "GruBackward"):
+    for name in ("LstmForward", "LstmBackward", "GruForward", "GruBackward", "GradientSums"):
         jax.ffi.register_ffi_target(f"lmjax_{name}", jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu")
     return True
@@ -139,17 +140,25 @@ def _mask_operand(mask):
     return (jnp.zeros((0,), jnp.float32), None) if mask is None else (mask, 1)
 
 
+def _batch_axes(batch: int) -> tuple[str, ...]:
+    """The context mesh's batch axes (`data`, `fsdp`) of size > 1, when they divide
+    `batch`; () without a mesh or when they do not."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    return axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
 def _over_batch(fn, args, arg_axes, out_axes):
     """fn(*args) with every array split over the mesh's batch axes (`data`, `fsdp`) when
     the context mesh has them: each device runs the kernel on its own rows (batch rows
     are independent). Without that, XLA's partitioner would run the opaque call on the
     whole batch on every device. arg_axes / out_axes: each array's batch axis, or None
     for one that every device needs whole."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     batch = next(a.shape[i] for a, i in zip(args, arg_axes, strict=True) if i is not None)
-    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+    axes = _batch_axes(batch)
+    if not axes:
         return fn(*args)
+    mesh = jax.sharding.get_abstract_mesh()
 
     def spec(axis):
         return P() if axis is None else P(*([None] * axis), axes)
@@ -244,3 +253,37 @@ def gru_backward(reverse: bool, acts, h0s, keep, mask, d_outs, w, d_h):
 
     return _over_batch(call, (acts, h0s, keep, mask, d_outs, w.T, d_h),
                        (1, 1, 1, mask_axis, 1, None, 0), (1, 1, 0))
+
+
+def _summed_over_batch(call, *args):
+    """call(*args) for arrays (time, batch, ...) whose results are sums over time and
+    batch: with the batch split over the mesh, each device sums its own rows and the
+    parts are added. 1-D arguments (empty placeholders) go to every device whole."""
+    axes = _batch_axes(args[0].shape[1])
+    if not axes:
+        return call(*args)
+    specs = tuple(P(None, axes) if a.ndim > 1 else P() for a in args)  # empty: absent
+    return jax.shard_map(lambda *a: jax.lax.psum(call(*a), axes),
+                         mesh=jax.sharding.get_abstract_mesh(), in_specs=specs,
+                         out_specs=P(), check_vma=False)(*args)
+
+
+def gradient_sums(d, inputs=(), ids=None, vocab: int = 0):
+    """Sums over time and batch of a gradient d (time, batch, n), from one pass over d:
+    for each of up to two inputs a (time, batch, m), a^T d (m, n) (a weight gradient);
+    the sum of d (n,) (a bias gradient); and with ids (time, batch) int32, the (vocab, n)
+    table with d's rows added into the rows of their ids (a lookup's gradient).
+
+    Returns (the products as a list, the sum, the table or None)."""
+    _require()
+    n = d.shape[-1]
+    empty = jnp.zeros((0,), jnp.float32)
+    a1, a2 = (*inputs, empty, empty)[:2]
+    shapes = [jax.ShapeDtypeStruct((a.shape[-1], n) if a.size else (0,), jnp.float32)
+              for a in (a1, a2)]
+    shapes += [jax.ShapeDtypeStruct((n,), jnp.float32),
+               jax.ShapeDtypeStruct((vocab, n) if ids is not None else (0,), jnp.float32)]
+    ids = jnp.zeros((0,), jnp.int32) if ids is None else ids.astype(jnp.int32)
+    call = jax.ffi.ffi_call("lmjax_GradientSums", shapes)
+    c1, c2, sums, table = _summed_over_batch(call, d, a1, a2, ids)
+    return [c1, c2][:len(inputs)], sums, (table if vocab else None)
