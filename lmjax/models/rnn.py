@@ -271,12 +271,13 @@ _cell_scan.defvjp(_scan_fwd, _scan_bwd)
 
 def _flat(w_h, b_h, gates_x, resets, mask):
     """The kernels' operands: w (hidden, gates hidden), b (gates hidden,), gx (time, batch,
-    gates hidden), keep (time, batch) float, 0 where the carry resets, and mask as float."""
-    time, batch, gates, hidden = gates_x.shape
+    gates hidden; or a table (vocab, gates hidden)), keep (time, batch) float, 0 where the
+    carry resets, and mask as float."""
+    hidden, gates, _ = w_h.shape
     keep = (~resets).astype(gates_x.dtype)
     mask = None if mask is None else mask.astype(gates_x.dtype)
     return (w_h.reshape(hidden, gates * hidden), b_h.reshape(gates * hidden),
-            gates_x.reshape(time, batch, gates * hidden), keep, mask)
+            gates_x.reshape(*gates_x.shape[:-2], gates * hidden), keep, mask)
 
 
 def _weight_grads(h0s, d_gh):
@@ -292,14 +293,17 @@ def _weight_grads(h0s, d_gh):
     return d_w_h.reshape(hidden, -1, hidden), d_b_h.reshape(-1, hidden)
 
 
-def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True):
+def _lstm_fwd(reverse, unroll, w_h, b_h, gates_x, carry, resets, mask, save=True, ids=None):
     """The LSTM recurrence; residuals: per step the activated gates (i, f, g, o), the
     carry the step started from, and tanh of the new cell state. Float32 on the CPU runs
-    the compiled kernel (rnn_cpu.py), anything else the XLA scan below."""
+    the compiled kernel (rnn_cpu.py), anything else the XLA scan below. With ids (time,
+    batch), gates_x is a (vocab, gates, hidden) table the steps' projections are in."""
     w, b, gx, keep, mask = _flat(w_h, b_h, gates_x, resets, mask)
     if rnn_cpu.usable(gx, w, b, *carry):
-        outs, final, residuals = rnn_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask)
+        outs, final, residuals = rnn_cpu.forward(reverse, save, gx, w, b, *carry, keep, mask,
+                                                 ids)
     else:
+        gx = gx if ids is None else gx[ids]
         outs, final, residuals = _lstm_xla_fwd(reverse, unroll, gx, w, b, carry, keep, mask)
     return (outs, final), (w, *residuals, keep, mask)
 
@@ -397,11 +401,11 @@ def kernel_lstm(reverse, w_h, b_h, x, w_i, carry, resets, mask):
 
 
 def _kernel_lstm_fwd(reverse, w_h, b_h, x, w_i, carry, resets, mask, save=True):
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        gates_x = w_i[x]
+    if jnp.issubdtype(x.dtype, jnp.integer):  # looked up in the kernel
+        outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, w_i, carry, resets, mask, save, x)
     else:
         gates_x = _flat_matmul(x, w_i.reshape(w_i.shape[0], -1)).reshape(*x.shape[:2], 4, -1)
-    outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, gates_x, carry, resets, mask, save)
+        outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, gates_x, carry, resets, mask, save)
     return outs, (residuals, x, w_i)
 
 

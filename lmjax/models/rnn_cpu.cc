@@ -237,6 +237,14 @@ struct Forward {
   const Panels& w;
   const float *gx, *bias, *h_init, *c_init, *keep, *mask;
   float *outs, *h_last, *c_last, *acts, *h_starts, *c_starts, *tanh_c;
+  const int32_t* ids;  // with ids, gx is a (vocab, 4 hidden) table and row i reads gx[ids[i]]
+  int vocab;
+
+  // The input projections of one row of one step.
+  const float* projections(size_t idx) const {
+    const size_t row = ids ? size_t(std::clamp(int(ids[idx]), 0, vocab - 1)) : idx;
+    return gx + row * d.gates();
+  }
 
   void rows(int r0, int r1) const {
     const int H = d.hidden, G = d.gates(), B = d.batch, m = r1 - r0;
@@ -248,7 +256,7 @@ struct Forward {
       for (int r = 0; r < m; ++r) {
         const float k = keep[t * B + r0 + r];
         for (int j = 0; j < H; ++j) h0[r * H + j] *= k, c[r * H + j] *= k;
-        const float* g = gx + (size_t(t) * B + r0 + r) * G;
+        const float* g = projections(size_t(t) * B + r0 + r);
         for (int j = 0; j < G; ++j) z[r * G + j] = g[j] + bias[j];
       }
       if (save) {
@@ -669,19 +677,24 @@ const float* optional(ffi::Buffer<ffi::F32>& b) {
   return b.element_count() == 0 ? nullptr : b.typed_data();
 }
 
+// gx (time, batch, 4 hidden), or with ids (time, batch) int32 a (vocab, 4 hidden) table
+// the steps' projections are looked up in (an embedding layer's, without writing them out).
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h_init,
                            ffi::Buffer<ffi::F32> c_init, ffi::Buffer<ffi::F32> keep,
-                           ffi::Buffer<ffi::F32> mask, bool reverse, bool save,
-                           ffi::ResultBuffer<ffi::F32> outs, ffi::ResultBuffer<ffi::F32> h_last,
+                           ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::S32> ids, bool reverse,
+                           bool save, ffi::ResultBuffer<ffi::F32> outs,
+                           ffi::ResultBuffer<ffi::F32> h_last,
                            ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> acts,
                            ffi::ResultBuffer<ffi::F32> h_starts,
                            ffi::ResultBuffer<ffi::F32> c_starts,
                            ffi::ResultBuffer<ffi::F32> tanh_c) {
   auto dims = gx.dimensions();
-  if (dims.size() != 3 || dims[2] % 4 != 0)
-    return ffi::Error::InvalidArgument("gx must be (time, batch, 4 hidden)");
-  Dims d{int(dims[0]), int(dims[1]), int(dims[2] / 4)};
+  auto rows = ids.element_count() ? ids.dimensions() : dims;
+  if (dims.size() != (ids.element_count() ? 2 : 3) || dims.back() % 4 != 0 || rows.size() < 2)
+    return ffi::Error::InvalidArgument("gx must be (time, batch, 4 hidden) or, with ids, "
+                                       "(vocab, 4 hidden)");
+  Dims d{int(rows[0]), int(rows[1]), int(dims.back() / 4)};
   if (w.element_count() != size_t(d.hidden) * d.gates() ||
       h_init.element_count() != size_t(d.batch) * d.hidden ||
       keep.element_count() != size_t(d.time) * d.batch)
@@ -691,7 +704,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
             h_init.typed_data(), c_init.typed_data(), keep.typed_data(), optional(mask),
             outs->typed_data(), h_last->typed_data(), c_last->typed_data(),
             acts->typed_data(), h_starts->typed_data(), c_starts->typed_data(),
-            tanh_c->typed_data()};
+            tanh_c->typed_data(), ids.element_count() ? ids.typed_data() : nullptr,
+            int(dims[0])};
   parallel_rows(pool, d.batch, [&f](int r0, int r1) { f.rows(r0, r1); });
   return ffi::Error::Success();
 }
@@ -811,6 +825,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("save")
                                   .Ret<ffi::Buffer<ffi::F32>>()

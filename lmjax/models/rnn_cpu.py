@@ -167,10 +167,11 @@ def _over_batch(fn, args, arg_axes, out_axes):
                          out_specs=tuple(map(spec, out_axes)), check_vma=False)(*args)
 
 
-def forward(reverse: bool, save: bool, gx, w, b, h, c, keep, mask):
-    """The recurrence. gx (time, batch, 4 hidden) input projections with b_i; w (hidden,
-    4 hidden); b (4 hidden,) = b_h; h, c (batch, hidden); keep (time, batch) float, 0
-    where the carry resets; mask (time, batch) float or None.
+def forward(reverse: bool, save: bool, gx, w, b, h, c, keep, mask, ids=None):
+    """The recurrence. gx (time, batch, 4 hidden) input projections with b_i, or with ids
+    (time, batch) int32 a (vocab, 4 hidden) table of them, looked up in the kernel; w
+    (hidden, 4 hidden); b (4 hidden,) = b_h; h, c (batch, hidden); keep (time, batch)
+    float, 0 where the carry resets; mask (time, batch) float or None.
 
     Returns outs (time, batch, hidden), (h, c) after the last step and, with `save`, the
     residuals acts (time, batch, 4 hidden: activated i, f, g, o), the carries each step
@@ -178,18 +179,20 @@ def forward(reverse: bool, save: bool, gx, w, b, h, c, keep, mask):
     _require()
     mask, mask_axis = _mask_operand(mask)
     res_axes = (1,) * 4 if save else (None,) * 4
+    ids, gx_axis = (jnp.zeros((0,), jnp.int32), 1) if ids is None else (ids, None)
+    ids_axis = None if gx_axis else 1
 
-    def call(gx, w, b, h, c, keep, mask):
-        time, batch, gates = gx.shape
+    def call(gx, w, b, h, c, keep, mask, ids):
+        (time, batch), gates = keep.shape, gx.shape[-1]
         seq = jax.ShapeDtypeStruct((time, batch, gates // 4), jnp.float32)
         row = jax.ShapeDtypeStruct((batch, gates // 4), jnp.float32)
         res = (jax.ShapeDtypeStruct((time, batch, gates), jnp.float32), seq, seq, seq) if save \
             else (jax.ShapeDtypeStruct((0,), jnp.float32),) * 4
         return jax.ffi.ffi_call("lmjax_LstmForward", (seq, row, row, *res))(
-            gx, w, b, h, c, keep, mask, reverse=reverse, save=save)
+            gx, w, b, h, c, keep, mask, ids, reverse=reverse, save=save)
 
-    outs, h, c, *residuals = _over_batch(call, (gx, w, b, h, c, keep, mask),
-                                         (1, None, None, 0, 0, 1, mask_axis),
+    outs, h, c, *residuals = _over_batch(call, (gx, w, b, h, c, keep, mask, ids),
+                                         (gx_axis, None, None, 0, 0, 1, mask_axis, ids_axis),
                                          (1, 0, 0, *res_axes))
     return outs, (h, c), residuals
 
