@@ -8,9 +8,10 @@ loop in one call (see the .cc file). They are compiled with the machine's C++ co
 first use (a few seconds) into `$LMJAX_CACHE_DIR` (default `~/.cache/lmjax`), keyed by
 the source, the jaxlib version and the compiler, and loaded from there afterwards.
 
-`available()` says whether the kernels can be used; `rnn.lstm_scan` and
-`rnn.recurrent_scan` (for the GRU) use them for float32 on the CPU and fall back to their
-XLA scans elsewhere (GPUs, other dtypes, no compiler; the reason is logged once).
+`available()` says whether the kernels can be used; `rnn.kernel_lstm`, `rnn.lstm_scan`
+and `rnn.recurrent_scan` (for the GRU) use them for float32 on the CPU, and the layers
+fall back to their XLA scans and products elsewhere (GPUs, other dtypes, no compiler; the
+reason is logged once).
 `LMJAX_RNN_KERNEL=0` turns them off for a process, and `with rnn_cpu.disabled():` for
 what is traced inside the block.
 """
