@@ -86,17 +86,18 @@ inline vf vtanh(vf x) {
 inline vf vsigmoid(vf x) { return splat(0.5f) + splat(0.5f) * vtanh(splat(0.5f) * x); }
 inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// C (m x n, row stride ldc) += A (m x k, stride lda) @ B (k x n, stride ldb).
+// C (m x n, row stride ldc) += A (m x k, stride lda) @ B (k x n, stride ldb); with
+// `transposed`, A is stored as its transpose (k x m, stride lda): C += A^T B over k rows.
 // Register blocks of MR rows x NV * 16 columns; B's panel of 16 NV columns stays in L1
 // while every row block passes over it.
-template <int MR, int NV>
+template <int MR, int NV, bool transposed>
 inline void block(int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
   vf acc[MR][NV] = {};
   for (int p = 0; p < k; ++p) {
     vf bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = load(b + p * ldb + j * kLanes);
     for (int r = 0; r < MR; ++r) {
-      vf av = splat(a[r * lda + p]);
+      vf av = splat(transposed ? a[p * lda + r] : a[r * lda + p]);
       for (int j = 0; j < NV; ++j) acc[r][j] += av * bv[j];
     }
   }
@@ -113,23 +114,23 @@ constexpr int kMaxRows = 6;  // 6 x 4 accumulators + 4 panel vectors fit 32 regi
 constexpr int kMaxRows = 3;
 #endif
 
-template <int NV>
+template <int NV, bool transposed = false>
 void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, float* c,
                 int ldc) {
   // Even block heights (25 rows: five blocks of 5, not four of 6 and one of 1).
   int blocks = (m + kMaxRows - 1) / kMaxRows;
   for (int r = 0, left = blocks; r < m; --left) {
     int rows = (m - r + left - 1) / left;
-    const float* ar = a + r * lda;
-    float* cr = c + r * ldc;
+    const float* ar = transposed ? a + r : a + size_t(r) * lda;
+    float* cr = c + size_t(r) * ldc;
     switch (rows) {
-      case 1: block<1, NV>(k, ar, lda, b, ldb, cr, ldc); break;
-      case 2: block<2, NV>(k, ar, lda, b, ldb, cr, ldc); break;
-      case 3: block<3, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 1: block<1, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 2: block<2, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 3: block<3, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
 #ifdef __AVX512F__
-      case 4: block<4, NV>(k, ar, lda, b, ldb, cr, ldc); break;
-      case 5: block<5, NV>(k, ar, lda, b, ldb, cr, ldc); break;
-      case 6: block<6, NV>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 4: block<4, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 5: block<5, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
+      case 6: block<6, NV, transposed>(k, ar, lda, b, ldb, cr, ldc); break;
 #endif
     }
     r += rows;
@@ -539,39 +540,6 @@ struct GruBackwardPass {
 // threads take disjoint sets of panels, so their outputs need no reduction.
 constexpr int kChunk = 128;
 
-// c (rows x 64, stride ldc) += a^T b over k, for a (k x rows, row stride lda) and a
-// packed panel b (k x 64).
-template <int MR>
-inline void strip_block(int k, const float* a, int lda, const float* b, float* c, int ldc) {
-  vf acc[MR][4] = {};
-  for (int p = 0; p < k; ++p, a += lda, b += kPanelCols) {
-    vf bv[4];
-    for (int j = 0; j < 4; ++j) bv[j] = load(b + j * kLanes);
-    for (int r = 0; r < MR; ++r) {
-      vf av = splat(a[r]);
-      for (int j = 0; j < 4; ++j) acc[r][j] += av * bv[j];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) {
-      float* out = c + r * ldc + j * kLanes;
-      store(out, load(out) + acc[r][j]);
-    }
-}
-
-void strip_dispatch(int rows, int k, const float* a, int lda, const float* b, float* c, int ldc) {
-  switch (rows) {
-    case 1: return strip_block<1>(k, a, lda, b, c, ldc);
-    case 2: return strip_block<2>(k, a, lda, b, c, ldc);
-    case 3: return strip_block<3>(k, a, lda, b, c, ldc);
-#ifdef __AVX512F__
-    case 4: return strip_block<4>(k, a, lda, b, c, ldc);
-    case 5: return strip_block<5>(k, a, lda, b, c, ldc);
-    case 6: return strip_block<6>(k, a, lda, b, c, ldc);
-#endif
-  }
-}
-
 struct Input {  // an A and its product C = A^T D
   int m;
   const float* a;
@@ -629,15 +597,10 @@ struct RowSums {
   // Ids past the table are clamped, as XLA's gather clamps them.
   int clamped(int row) const { return std::clamp(int(ids[row]), 0, vocab - 1); }
 
-  // C[:, col..col + 63] += A[k0..k0 + kc]^T panel, in strips of the even heights
-  // row_blocks uses (128 columns of A: 18 strips of 6 and 4 of 5).
+  // C[:, col..col + 63] += A[k0..k0 + kc]^T panel.
   void product(const Input& in, int k0, int kc, int col, const float* panel) const {
-    const float* a = in.a + size_t(k0) * in.m;
-    for (int i = 0, left = (in.m + kMaxRows - 1) / kMaxRows; i < in.m; --left) {
-      const int height = (in.m - i + left - 1) / left;
-      strip_dispatch(height, kc, a + i, in.m, panel, in.c + size_t(i) * n + col, n);
-      i += height;
-    }
+    row_blocks<4, true>(in.m, kc, in.a + size_t(k0) * in.m, in.m, panel, kPanelCols,
+                        in.c + col, n);
   }
 
   // Columns past the last whole panel (65 logits: one). Products as C^T: per row of A

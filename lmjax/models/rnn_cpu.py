@@ -285,9 +285,10 @@ def gradient_sums(d, inputs=(), ids=None, vocab: int = 0):
     a1, a2 = (*inputs, empty, empty)[:2]
     shapes = [jax.ShapeDtypeStruct((a.shape[-1], n) if a.size else (0,), jnp.float32)
               for a in (a1, a2)]
+    with_table = ids is not None
     shapes += [jax.ShapeDtypeStruct((n,), jnp.float32),
-               jax.ShapeDtypeStruct((vocab, n) if ids is not None else (0,), jnp.float32)]
-    ids = jnp.zeros((0,), jnp.int32) if ids is None else ids.astype(jnp.int32)
+               jax.ShapeDtypeStruct((vocab, n) if with_table else (0,), jnp.float32)]
+    ids = ids.astype(jnp.int32) if with_table else jnp.zeros((0,), jnp.int32)
     call = jax.ffi.ffi_call("lmjax_GradientSums", shapes)
     c1, c2, sums, table = _summed_over_batch(call, d, a1, a2, ids)
-    return [c1, c2][:len(inputs)], sums, (table if vocab else None)
+    return [c1, c2][:len(inputs)], sums, (table if with_table else None)
