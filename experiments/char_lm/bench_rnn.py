@@ -22,8 +22,10 @@ minute to minute, the spread says how far one figure can be trusted.
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,9 +47,10 @@ HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
 LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 
 
-def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
+def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True):
     """A function running one training step of lmjax's own trainer, and its loss; without
-    `kernel` the step is compiled with the XLA scan instead of the LSTM CPU kernel."""
+    `kernel` the step is compiled with the XLA scan instead of the LSTM CPU kernel.
+    `scratch` is an empty directory for the (never written) checkpoints."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
                            num_layers=LAYERS, block_size=LENGTH, unroll=unroll)
     train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
@@ -56,9 +59,8 @@ def lmjax_runner(data, cell: str, unroll: int, kernel: bool = True):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = RULES.get("fsdp_tensor")
     task = StreamLMTask(rnn.RNNLM(config), data, LENGTH, config.zero_carry)
-    with tempfile.TemporaryDirectory(prefix="lmjax-bench-rnn-") as scratch:  # never written
-        setup = trainer.build(None, train, mesh, rules, scratch, task=task)
-        setup.checkpoints.close()
+    setup = trainer.build(None, train, mesh, rules, scratch, task=task)
+    setup.checkpoints.close()
     batches = task.train_iterator(BATCH, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
@@ -200,8 +202,13 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]  # other work on the machine (the bench adds its own)
     data = load_lm_data("tiny_shakespeare")
-    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll),
-               "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, kernel=False),
+    # Removed at exit, not when the runners are built: orbax's checkpoint manager scans its
+    # directory for stale temporaries in a background thread that close() does not await.
+    scratch = tempfile.mkdtemp(prefix="lmjax-bench-rnn-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/kernel"),
+               "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/xla",
+                                         kernel=False),
                "flax": flax_runner(data, args.cell)}
     try:
         import torch
