@@ -182,14 +182,13 @@ void gemm_acc(int m, const Panels& b, const float* a, int lda, float* c, int ldc
     }
 }
 
-// How many parts `rows` batch rows go in: a multiple of the pool's threads, each of at
-// least 10 rows where the rows allow (and at least 4), so that the parts share out evenly:
-// with two threads, 50 rows go in 4 parts of 12-13, two per thread, not in 5 of 10, three
-// on one thread and two on the other (which left one thread idle for a third of the call).
+// How many parts `rows` batch rows go in: one per thread (of at least 4 rows). Each step
+// a part streams all of W_h's panels through L1 once, so one part of 25 rows on each of
+// two threads (row blocks of 5) ran the char-rnn step faster than two parts of 12-13 each
+// in turn (blocks of 4-5). Unequal part counts per thread (5 parts of 10 rows on two
+// threads) had left one thread idle for a third of the call.
 int num_parts(int rows, int threads) {
-  threads = std::max(1, threads);
-  const int rounds = std::max(1, rows / (10 * threads));
-  return std::max(1, std::min(rounds * threads, rows / 4));
+  return std::max(1, std::min(std::max(1, threads), rows / 4));
 }
 
 // Runs fn(row_begin, row_end) over rows split into contiguous parts (num_parts unless given).
