@@ -182,23 +182,22 @@ void gemm_acc(int m, const Panels& b, const float* a, int lda, float* c, int ldc
     }
 }
 
-// How many parts `rows` batch rows go in: one per thread (of at least 4 rows). Each step
-// a part streams all of W_h's panels through L1 once, so one part of 25 rows on each of
-// two threads (row blocks of 5) ran the char-rnn step faster than two parts of 12-13 each
-// in turn (blocks of 4-5). Unequal part counts per thread (5 parts of 10 rows on two
-// threads) had left one thread idle for a third of the call.
-int num_parts(int rows, int threads) {
-  return std::max(1, std::min(std::max(1, threads), rows / 4));
+// How many parts `rows` rows go in: one per thread, of at least `min_rows` rows. For the
+// recurrences (batch rows, at least 4 each): each step a part streams all of W_h's panels
+// through L1 once, so one part of 25 rows on each of two threads (row blocks of 5) ran
+// the char-rnn step faster than two parts of 12-13 each in turn (blocks of 4-5).
+int num_parts(int rows, int threads, int min_rows) {
+  return std::max(1, std::min(std::max(1, threads), rows / min_rows));
 }
 
-// Runs fn(row_begin, row_end) over rows split into contiguous parts (num_parts unless given).
+// Runs fn(row_begin, row_end) over rows split into contiguous parts (num_parts).
 // The parts go to XLA's own CPU thread pool (whose idle threads would otherwise spin
 // beside ours) and to the calling thread, each taking the next unclaimed part; nobody
 // waits for a part nobody has started, so a pool thread busy with another XLA op joins
 // when it is free and never stalls the call.
 template <typename F>
-void parallel_rows(ffi::ThreadPool& pool, int rows, F fn, int parts = 0) {
-  if (parts <= 0) parts = num_parts(rows, int(pool.num_threads()));
+void parallel_rows(ffi::ThreadPool& pool, int rows, F fn, int min_rows = 4) {
+  const int parts = num_parts(rows, int(pool.num_threads()), min_rows);
   const int helpers = std::min(int(pool.num_threads()), parts - 1);
   if (helpers <= 0) return fn(0, rows);
   struct Shared {
@@ -769,9 +768,8 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
     g.tail(0);
     return ffi::Error::Success();
   }
-  // One part per thread (each panel is a whole pass over d's rows).
-  const int parts = std::min(panels, std::max(1, int(pool.num_threads())));
-  parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, parts);
+  // Parts of any number of panels (each is a whole pass over d's rows).
+  parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, 1);
   return ffi::Error::Success();
 }
 
