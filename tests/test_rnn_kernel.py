@@ -110,6 +110,7 @@ def test_lm_training_step_runs_the_kernel(cell):
 
 @pytest.mark.parametrize("shape", [
     (50, 50, 128, 128, 512, 65),  # char-rnn: whole 64-column panels, two threads
+    (50, 50, 128, 0, 65, 65),  # the head's 65 columns: one panel, rows split over threads
     (7, 3, 40, 24, 160, 11),  # 2 panels and a 32-column tail
     (4, 3, 6, 0, 70, 9),  # one input; 6 tail columns
     (3, 2, 5, 3, 48, 0),  # no whole panel; no table

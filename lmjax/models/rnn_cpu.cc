@@ -245,60 +245,78 @@ struct Forward {
     return gx + row * d.gates();
   }
 
+  // Each step starts from (h0, c0) = keep * the carry, written by the step before (by this
+  // call for the first) straight into the saved h_starts / c_starts, or without `save` into
+  // one of two buffers in turn.
   void rows(int r0, int r1) const {
     const int H = d.hidden, G = d.gates(), B = d.batch, m = r1 - r0;
-    std::vector<float> z(m * G), h0(m * H), c(m * H);
-    std::copy(h_init + r0 * H, h_init + r1 * H, h0.begin());
-    std::copy(c_init + r0 * H, c_init + r1 * H, c.begin());
+    std::vector<float> z(m * G), local(save ? 0 : 4 * m * H);
+    auto starts = [&](int s) {  // (h0, c0) of the s-th step, rows r0..r1
+      const int t = at(s, d.time, reverse);
+      if (save) return std::pair{h_starts + (size_t(t) * B + r0) * H, c_starts + (size_t(t) * B + r0) * H};
+      float* buffer = local.data() + (s % 2) * 2 * m * H;
+      return std::pair{buffer, buffer + m * H};
+    };
+    {
+      auto [h0, c0] = starts(0);
+      const int t = at(0, d.time, reverse);
+      for (int r = 0; r < m; ++r) {
+        const float k = keep[t * B + r0 + r];
+        for (int j = 0; j < H; ++j)
+          h0[r * H + j] = k * h_init[(r0 + r) * H + j], c0[r * H + j] = k * c_init[(r0 + r) * H + j];
+      }
+    }
     for (int s = 0; s < d.time; ++s) {
       const int t = at(s, d.time, reverse);
       for (int r = 0; r < m; ++r) {
-        const float k = keep[t * B + r0 + r];
-        for (int j = 0; j < H; ++j) h0[r * H + j] *= k, c[r * H + j] *= k;
         const float* g = projections(size_t(t) * B + r0 + r);
         for (int j = 0; j < G; ++j) z[r * G + j] = g[j] + bias[j];
       }
-      if (save) {
-        std::copy(h0.begin(), h0.end(), h_starts + (size_t(t) * B + r0) * H);
-        std::copy(c.begin(), c.end(), c_starts + (size_t(t) * B + r0) * H);
-      }
-      gemm_acc(m, w, h0.data(), H, z.data(), G);
-      for (int r = 0; r < m; ++r) cell(t, r0 + r, z.data() + r * G, h0.data() + r * H,
-                                       c.data() + r * H);
+      auto [h0, c0] = starts(s);
+      gemm_acc(m, w, h0, H, z.data(), G);
+      const bool last = s + 1 == d.time;
+      auto [h1, c1] = last ? std::pair{h_last + r0 * H, c_last + r0 * H} : starts(s + 1);
+      const float* k1 = last ? nullptr : keep + size_t(at(s + 1, d.time, reverse)) * B + r0;
+      for (int r = 0; r < m; ++r)
+        cell(t, r0 + r, z.data() + r * G, h0 + r * H, c0 + r * H, k1 ? k1[r] : 1.0f,
+             h1 + r * H, c1 + r * H);
     }
-    std::copy(h0.begin(), h0.end(), h_last + r0 * H);
-    std::copy(c.begin(), c.end(), c_last + r0 * H);
   }
 
-  // One row of one step: z (gates) -> new h (in h) and c (in c), outputs and residuals.
-  void cell(int t, int row, const float* z, float* h, float* c) const {
+  // One row of one step: z (gates) and the carry it started from (h0, c0) -> outputs,
+  // residuals and the next step's start (h1, c1) = k1 * the new carry.
+  void cell(int t, int row, const float* z, const float* h0, const float* c0, float k1,
+            float* h1, float* c1) const {
     const int H = d.hidden;
     const size_t idx = size_t(t) * d.batch + row;
     const bool take = mask == nullptr || mask[idx] != 0.0f;
     float* out = outs + idx * H;
     float* tc = save ? tanh_c + idx * H : nullptr;
     float* a = save ? acts + idx * 4 * H : nullptr;  // the activated gates
+    const vf kv = splat(k1);
     int j = 0;
     for (; j + kLanes <= H; j += kLanes) {
       vf i = vsigmoid(load(z + j)), f = vsigmoid(load(z + H + j));
       vf g = vtanh(load(z + 2 * H + j)), o = vsigmoid(load(z + 3 * H + j));
-      vf c1 = f * load(c + j) + i * g, t1 = vtanh(c1), h1 = o * t1;
+      vf c = f * load(c0 + j) + i * g, th = vtanh(c), h = o * th;
       if (a) {
         store(a + j, i), store(a + H + j, f);
         store(a + 2 * H + j, g), store(a + 3 * H + j, o);
       }
-      store(out + j, h1);
-      if (tc) store(tc + j, t1);
-      if (take) store(h + j, h1), store(c + j, c1);
+      store(out + j, h);
+      if (tc) store(tc + j, th);
+      store(h1 + j, kv * (take ? h : load(h0 + j)));
+      store(c1 + j, kv * (take ? c : load(c0 + j)));
     }
     for (; j < H; ++j) {
       float i = ssigmoid(z[j]), f = ssigmoid(z[H + j]), g = std::tanh(z[2 * H + j]);
       float o = ssigmoid(z[3 * H + j]);
-      float c1 = f * c[j] + i * g, t1 = std::tanh(c1), h1 = o * t1;
+      float c = f * c0[j] + i * g, th = std::tanh(c), h = o * th;
       if (a) a[j] = i, a[H + j] = f, a[2 * H + j] = g, a[3 * H + j] = o;
-      out[j] = h1;
-      if (tc) tc[j] = t1;
-      if (take) h[j] = h1, c[j] = c1;
+      out[j] = h;
+      if (tc) tc[j] = th;
+      h1[j] = k1 * (take ? h : h0[j]);
+      c1[j] = k1 * (take ? c : c0[j]);
     }
   }
 };
@@ -552,6 +570,43 @@ struct RowSums {
   const int32_t* ids;  // null: no table
   float* table;
 
+  void whole() const {
+    if (n < kPanelCols) return tail(0);
+    panels(0, n / kPanelCols);
+  }
+
+  // The outputs, in the order `slice` and `add` lay them out in one array.
+  std::vector<std::pair<float*, size_t>> outputs() const {
+    std::vector<std::pair<float*, size_t>> out{{col_sums, size_t(n)}};
+    if (ids) out.push_back({table, size_t(vocab) * n});
+    for (const Input& in : inputs) out.push_back({in.c, size_t(in.m) * n});
+    return out;
+  }
+  size_t output_size() const {
+    size_t size = 0;
+    for (auto [p, count] : outputs()) size += count;
+    return size;
+  }
+  // The sums over rows [r0, r1) only, into `own` (output_size() floats) or, if null,
+  // into these outputs.
+  RowSums slice(size_t r0, size_t r1, float* own) const {
+    RowSums part = *this;
+    part.rows = int(r1 - r0), part.d = d + r0 * n;
+    if (ids) part.ids = ids + r0;
+    for (Input& in : part.inputs) in.a += r0 * in.m;
+    if (own) {
+      part.col_sums = own, own += n;
+      if (ids) part.table = own, own += size_t(vocab) * n;
+      for (Input& in : part.inputs) in.c = own, own += size_t(in.m) * n;
+    }
+    return part;
+  }
+  // These outputs += a slice's own.
+  void add(const float* own) const {
+    for (auto [out, count] : outputs())
+      for (size_t i = 0; i < count; ++i) out[i] += *own++;
+  }
+
   // Columns [panel0 * 64, panel1 * 64) of every output; the part that ends at the last
   // whole panel also takes the columns past it.
   void panels(int panel0, int panel1) const {
@@ -763,13 +818,21 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
     g.ids = ids.typed_data(), g.table = table->typed_data();
     g.vocab = int(table->element_count() / n);
   }
-  const int panels = n / kPanelCols;
-  if (panels == 0) {
-    g.tail(0);
+  const int threads = int(pool.num_threads()), panels = n / kPanelCols;
+  if (panels >= threads) {
+    // Parts of any number of panels (each is a whole pass over d's rows).
+    parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, 1);
     return ffi::Error::Success();
   }
-  // Parts of any number of panels (each is a whole pass over d's rows).
-  parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, 1);
+  // Fewer panels than threads (the head's 65 logits: one): parts of the rows instead, the
+  // first into the outputs and each other into small outputs of its own, added after.
+  const int parts = num_parts(int(rows), threads, kChunk);
+  std::vector<std::vector<float>> own(parts - 1, std::vector<float>(g.output_size()));
+  parallel_rows(pool, parts, [&](int p0, int p1) {
+    for (int p = p0; p < p1; ++p)
+      g.slice(rows * p / parts, rows * (p + 1) / parts, p ? own[p - 1].data() : nullptr).whole();
+  }, 1);
+  for (const auto& o : own) g.add(o.data());
   return ffi::Error::Success();
 }
 
