@@ -49,8 +49,18 @@ def test_scan_equals_plain_scan(cell, kernel, reverse, masked):
         _check_against_plain_scan(cell, kernel, reverse, masked)
 
 
-def _check_against_plain_scan(cell, kernel, reverse, masked):
-    args, resets, mask, weights = _inputs(cell)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_scan_equals_plain_scan_whole_panels(cell, masked):
+    """72 hidden units: one whole 64-column panel of W_h (and of W_h^T, which the backward
+    kernels pack from W_h) besides a ragged tail. Outputs within float32's 1e-5: at this
+    width the kernel's GRU and XLA's float32 scan are each about 1e-6 from a float64 scan,
+    so they can differ by twice that."""
+    _check_against_plain_scan(cell, True, False, masked, hidden=72, out_atol=1e-5)
+
+
+def _check_against_plain_scan(cell, kernel, reverse, masked, hidden=40, out_atol=1e-6):
+    args, resets, mask, weights = _inputs(cell, hidden=hidden)
     mask = mask if masked else None
 
     def loss(scan, *args):
@@ -71,7 +81,7 @@ def _check_against_plain_scan(cell, kernel, reverse, masked):
     assert all(name in hlo for name in KERNELS[cell]) == kernel
     for a, b in zip(jax.tree.leaves(ours(reverse, *args)), jax.tree.leaves(plain(reverse, *args)),
                     strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(a, b, atol=out_atol, rtol=0)
     want = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2, 3))(*args)
     for a, b in zip(jax.tree.leaves(grad_fn(*args)), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -143,19 +143,36 @@ void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, 
 // every row block would fetch its panel from L2 again.
 constexpr int kPanelCols = 4 * kLanes, kPanelRows = 128;
 
+//
+// With `transposed`, `b` holds B's transpose (n x k, row stride ldb), as the backward
+// kernels get W_h (B = W_h^T): read in that order while packing, where XLA's transpose
+// beforehand took several times as long as the packing.
 struct Panels {
   int k, n, ldb, full;  // full: the columns packed (a multiple of 64)
-  const float* b;       // the original, for the columns past `full`
-  std::vector<float> data;
+  const float* b;       // B (k x n, row stride ldb), for the columns past `full`
+  std::vector<float> data, b_copy;  // b_copy: B, for those columns, given its transpose
 
-  Panels(int k, int n, const float* b, int ldb)
+  Panels(int k, int n, const float* b, int ldb, bool transposed = false)
       : k(k), n(n), ldb(ldb), full(n / kPanelCols * kPanelCols), b(b), data(size_t(k) * full) {
     for (int k0 = 0; k0 < k; k0 += kPanelRows)
       for (int col = 0; col < full; col += kPanelCols) {
         float* out = data.data() + offset(k0, col);
-        for (int p = k0; p < std::min(k, k0 + kPanelRows); ++p, out += kPanelCols)
-          std::copy(b + size_t(p) * ldb + col, b + size_t(p) * ldb + col + kPanelCols, out);
+        const int kc = std::min(kPanelRows, k - k0);
+        if (transposed)
+          for (int j = 0; j < kPanelCols; ++j)
+            for (int p = 0; p < kc; ++p)
+              out[p * kPanelCols + j] = b[size_t(col + j) * ldb + k0 + p];
+        else
+          for (int p = 0; p < kc; ++p)
+            std::copy(b + size_t(k0 + p) * ldb + col, b + size_t(k0 + p) * ldb + col + kPanelCols,
+                      out + p * kPanelCols);
       }
+    if (transposed && full < n) {
+      b_copy.resize(size_t(k) * n);
+      for (int p = 0; p < k; ++p)
+        for (int col = full; col < n; ++col) b_copy[size_t(p) * n + col] = b[size_t(col) * ldb + p];
+      this->b = b_copy.data(), this->ldb = n;
+    }
   }
   // The panel of rows k0.. and columns col..col + 63 (k0 a multiple of kPanelRows).
   const float* panel(int k0, int col) const { return data.data() + offset(k0, col); }
@@ -729,7 +746,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_starts,
                             ffi::Buffer<ffi::F32> tanh_c, ffi::Buffer<ffi::F32> keep,
                             ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> d_outs,
-                            ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> dh_last,
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dh_last,
                             ffi::Buffer<ffi::F32> dc_last, bool reverse,
                             ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh_init,
                             ffi::ResultBuffer<ffi::F32> dc_init) {
@@ -737,9 +754,9 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts, ff
   if (dims.size() != 3) return ffi::Error::InvalidArgument("d_outs must be (time, batch, hidden)");
   Dims d{int(dims[0]), int(dims[1]), int(dims[2])};
   if (acts.element_count() != size_t(d.time) * d.batch * d.gates() ||
-      w_t.element_count() != size_t(d.hidden) * d.gates())
+      w.element_count() != size_t(d.hidden) * d.gates())
     return ffi::Error::InvalidArgument("LSTM kernel: inconsistent operand shapes");
-  const Panels panels(d.gates(), d.hidden, w_t.typed_data(), d.hidden);
+  const Panels panels(d.gates(), d.hidden, w.typed_data(), d.gates(), true);  // W_h^T
   Backward b{d, reverse, panels, acts.typed_data(), c_starts.typed_data(), tanh_c.typed_data(),
              keep.typed_data(), optional(mask), d_outs.typed_data(),
              dh_last.typed_data(), dc_last.typed_data(), dz->typed_data(),
@@ -773,16 +790,16 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::B
 ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts,
                            ffi::Buffer<ffi::F32> h_starts, ffi::Buffer<ffi::F32> keep,
                            ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> d_outs,
-                           ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> dh_last, bool reverse,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dh_last, bool reverse,
                            ffi::ResultBuffer<ffi::F32> d_gx, ffi::ResultBuffer<ffi::F32> d_gh,
                            ffi::ResultBuffer<ffi::F32> dh_init) {
   auto dims = d_outs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("d_outs must be (time, batch, hidden)");
   Dims d{int(dims[0]), int(dims[1]), int(dims[2])};
   if (acts.element_count() != size_t(d.time) * d.batch * 4 * d.hidden ||
-      w_t.element_count() != size_t(d.hidden) * 3 * d.hidden)
+      w.element_count() != size_t(d.hidden) * 3 * d.hidden)
     return ffi::Error::InvalidArgument("GRU kernel: inconsistent operand shapes");
-  const Panels panels(3 * d.hidden, d.hidden, w_t.typed_data(), d.hidden);
+  const Panels panels(3 * d.hidden, d.hidden, w.typed_data(), 3 * d.hidden, true);  // W_h^T
   GruBackwardPass b{d, reverse, panels, acts.typed_data(), h_starts.typed_data(),
                     keep.typed_data(), optional(mask), d_outs.typed_data(), dh_last.typed_data(),
                     d_gx->typed_data(), d_gh->typed_data(), dh_init->typed_data()};

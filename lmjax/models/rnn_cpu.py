@@ -204,14 +204,14 @@ def backward(reverse: bool, acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c):
     _require()
     mask, mask_axis = _mask_operand(mask)
 
-    def call(acts, c0s, tcs, keep, mask, d_outs, w_t, d_h, d_c):
+    def call(acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c):
         time, batch, hidden = d_outs.shape
         row = jax.ShapeDtypeStruct((batch, hidden), jnp.float32)
         return jax.ffi.ffi_call("lmjax_LstmBackward", (
             jax.ShapeDtypeStruct((time, batch, 4 * hidden), jnp.float32), row, row))(
-            acts, c0s, tcs, keep, mask, d_outs, w_t, d_h, d_c, reverse=reverse)
+            acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c, reverse=reverse)
 
-    dz, d_h, d_c = _over_batch(call, (acts, c0s, tcs, keep, mask, d_outs, w.T, d_h, d_c),
+    dz, d_h, d_c = _over_batch(call, (acts, c0s, tcs, keep, mask, d_outs, w, d_h, d_c),
                                (1, 1, 1, 1, mask_axis, 1, None, 0, 0), (1, 0, 0))
     return dz, (d_h, d_c)
 
@@ -248,14 +248,14 @@ def gru_backward(reverse: bool, acts, h0s, keep, mask, d_outs, w, d_h):
     _require()
     mask, mask_axis = _mask_operand(mask)
 
-    def call(acts, h0s, keep, mask, d_outs, w_t, d_h):
+    def call(acts, h0s, keep, mask, d_outs, w, d_h):
         time, batch, hidden = d_outs.shape
         gates = jax.ShapeDtypeStruct((time, batch, 3 * hidden), jnp.float32)
         return jax.ffi.ffi_call("lmjax_GruBackward", (
             gates, gates, jax.ShapeDtypeStruct((batch, hidden), jnp.float32)))(
-            acts, h0s, keep, mask, d_outs, w_t, d_h, reverse=reverse)
+            acts, h0s, keep, mask, d_outs, w, d_h, reverse=reverse)
 
-    return _over_batch(call, (acts, h0s, keep, mask, d_outs, w.T, d_h),
+    return _over_batch(call, (acts, h0s, keep, mask, d_outs, w, d_h),
                        (1, 1, 1, mask_axis, 1, None, 0), (1, 1, 0))
 
 
