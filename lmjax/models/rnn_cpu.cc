@@ -345,41 +345,37 @@ struct Backward {
   const float *acts, *c_starts, *tanh_c, *keep, *mask, *d_outs, *dh_last, *dc_last;
   float *dz, *dh_init, *dc_init;
 
+  // (dh, dc) hold the gradient reaching the start carry (h0, c0) of the step after the
+  // current one (before its keep multiply, which the cell applies as it reads them); each
+  // step the cell overwrites them with its own, in place, and the product adds dz @ W_h^T.
   void rows(int r0, int r1) const {
-    const int H = d.hidden, G = d.gates(), m = r1 - r0;
-    std::vector<float> dh(m * H), dc(m * H), pass_h(m * H), pass_c(m * H);
-    std::copy(dh_last + r0 * H, dh_last + r1 * H, dh.begin());
-    std::copy(dc_last + r0 * H, dc_last + r1 * H, dc.begin());
+    const int H = d.hidden, G = d.gates(), B = d.batch, m = r1 - r0;
+    std::vector<float> dh(dh_last + r0 * H, dh_last + r1 * H), dc(dc_last + r0 * H, dc_last + r1 * H);
+    const float* k_after = nullptr;  // keep of the step after; none after the last
     for (int s = d.time - 1; s >= 0; --s) {  // the forward steps, last first
       const int t = at(s, d.time, reverse);
       for (int r = 0; r < m; ++r)
-        cell(t, r0 + r, dh.data() + r * H, dc.data() + r * H, pass_h.data() + r * H,
-             pass_c.data() + r * H);
-      float* dz_t = dz + (size_t(t) * d.batch + r0) * G;
-      // dh0 = (dz @ W_h^T + passed dh) * keep; pass_h holds the passed part.
-      gemm_acc(m, w_t, dz_t, G, pass_h.data(), H);
-      for (int r = 0; r < m; ++r) {
-        const float k = keep[t * d.batch + r0 + r];
-        for (int j = 0; j < H; ++j) {
-          dh[r * H + j] = pass_h[r * H + j] * k;
-          dc[r * H + j] = pass_c[r * H + j] * k;
-        }
+        cell(t, r0 + r, k_after ? k_after[r] : 1.0f, dh.data() + r * H, dc.data() + r * H);
+      gemm_acc(m, w_t, dz + (size_t(t) * B + r0) * G, G, dh.data(), H);
+      k_after = keep + size_t(t) * B + r0;
+    }
+    for (int r = 0; r < m; ++r) {
+      const float k = k_after ? k_after[r] : 1.0f;
+      for (int j = 0; j < H; ++j) {
+        dh_init[(r0 + r) * H + j] = k * dh[r * H + j];
+        dc_init[(r0 + r) * H + j] = k * dc[r * H + j];
       }
     }
-    std::copy(dh.begin(), dh.end(), dh_init + r0 * H);
-    std::copy(dc.begin(), dc.end(), dc_init + r0 * H);
   }
 
-  // One row of one step: (dh, dc) flowing into the step's new carry -> dz, and in
-  // pass_h / pass_c the gradients reaching h0 and c0 other than through h0 @ W_h
-  // (before the keep multiply).
-  void cell(int t, int row, const float* dh, const float* dc, float* pass_h,
-            float* pass_c) const {
+  // One row of one step: (k dh, k dc) flowing into the step's new carry -> dz, and in
+  // (dh, dc) the gradients reaching h0 and c0 other than through h0 @ W_h.
+  void cell(int t, int row, float k, float* dh, float* dc) const {
     const size_t idx = size_t(t) * d.batch + row;
     if (mask == nullptr || mask[idx] != 0.0f)
-      cell_step<true>(idx, dh, dc, pass_h, pass_c);
+      cell_step<true>(idx, k, dh, dc);
     else  // padding kept the old carry, so its gradient passes straight through
-      cell_step<false>(idx, dh, dc, pass_h, pass_c);
+      cell_step<false>(idx, k, dh, dc);
   }
 
   template <bool take, typename V>
@@ -397,9 +393,9 @@ struct Backward {
   }
 
   template <bool take>
-  void cell_step(size_t idx, const float* dh, const float* dc, float* pass_h,
-                 float* pass_c) const {
+  void cell_step(size_t idx, float k, float* dh, float* dc) const {
     const int H = d.hidden;
+    const vf kv = splat(k);
     const float* a = acts + idx * 4 * H;
     const float* c0 = c_starts + idx * H;
     const float* tc = tanh_c + idx * H;
@@ -408,15 +404,15 @@ struct Backward {
     int j = 0;
     for (; j + kLanes <= H; j += kLanes) {
       vf zi, zf, zg, zo, ph, pc;
-      grads<take>(load(dh + j), load(dc + j), load(d_out + j), load(a + j), load(a + H + j),
-                  load(a + 2 * H + j), load(a + 3 * H + j), load(c0 + j), load(tc + j), zi,
-                  zf, zg, zo, ph, pc);
+      grads<take>(kv * load(dh + j), kv * load(dc + j), load(d_out + j), load(a + j),
+                  load(a + H + j), load(a + 2 * H + j), load(a + 3 * H + j), load(c0 + j),
+                  load(tc + j), zi, zf, zg, zo, ph, pc);
       store(z + j, zi), store(z + H + j, zf), store(z + 2 * H + j, zg);
-      store(z + 3 * H + j, zo), store(pass_h + j, ph), store(pass_c + j, pc);
+      store(z + 3 * H + j, zo), store(dh + j, ph), store(dc + j, pc);
     }
     for (; j < H; ++j)
-      grads<take>(dh[j], dc[j], d_out[j], a[j], a[H + j], a[2 * H + j], a[3 * H + j], c0[j],
-                  tc[j], z[j], z[H + j], z[2 * H + j], z[3 * H + j], pass_h[j], pass_c[j]);
+      grads<take>(k * dh[j], k * dc[j], d_out[j], a[j], a[H + j], a[2 * H + j], a[3 * H + j],
+                  c0[j], tc[j], z[j], z[H + j], z[2 * H + j], z[3 * H + j], dh[j], dc[j]);
   }
 };
 
