@@ -141,12 +141,11 @@ void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, 
 // each contiguous (32 KB, L1-sized), for the columns in whole 64-column panels. Read in
 // place, B's rows (2 KB apart for n = 512) fall in a few L1 sets and evict each other, so
 // every row block would fetch its panel from L2 again.
+// With `transposed`, `b` holds B's transpose (n x k, row stride ldb): the backward kernels
+// get W_h for B = W_h^T and pack it in that order, which saves XLA's transpose of W_h
+// before each call.
 constexpr int kPanelCols = 4 * kLanes, kPanelRows = 128;
 
-//
-// With `transposed`, `b` holds B's transpose (n x k, row stride ldb), as the backward
-// kernels get W_h (B = W_h^T): read in that order while packing, where XLA's transpose
-// beforehand took several times as long as the packing.
 struct Panels {
   int k, n, ldb, full;  // full: the columns packed (a multiple of 64)
   const float* b;       // B (k x n, row stride ldb), for the columns past `full`
@@ -270,7 +269,8 @@ struct Forward {
     std::vector<float> z(m * G), local(save ? 0 : 4 * m * H);
     auto starts = [&](int s) {  // (h0, c0) of the s-th step, rows r0..r1
       const int t = at(s, d.time, reverse);
-      if (save) return std::pair{h_starts + (size_t(t) * B + r0) * H, c_starts + (size_t(t) * B + r0) * H};
+      const size_t at_t = (size_t(t) * B + r0) * H;
+      if (save) return std::pair{h_starts + at_t, c_starts + at_t};
       float* buffer = local.data() + (s % 2) * 2 * m * H;
       return std::pair{buffer, buffer + m * H};
     };
@@ -279,8 +279,10 @@ struct Forward {
       const int t = at(0, d.time, reverse);
       for (int r = 0; r < m; ++r) {
         const float k = keep[t * B + r0 + r];
-        for (int j = 0; j < H; ++j)
-          h0[r * H + j] = k * h_init[(r0 + r) * H + j], c0[r * H + j] = k * c_init[(r0 + r) * H + j];
+        for (int j = 0; j < H; ++j) {
+          h0[r * H + j] = k * h_init[(r0 + r) * H + j];
+          c0[r * H + j] = k * c_init[(r0 + r) * H + j];
+        }
       }
     }
     for (int s = 0; s < d.time; ++s) {
@@ -350,7 +352,8 @@ struct Backward {
   // step the cell overwrites them with its own, in place, and the product adds dz @ W_h^T.
   void rows(int r0, int r1) const {
     const int H = d.hidden, G = d.gates(), B = d.batch, m = r1 - r0;
-    std::vector<float> dh(dh_last + r0 * H, dh_last + r1 * H), dc(dc_last + r0 * H, dc_last + r1 * H);
+    std::vector<float> dh(dh_last + r0 * H, dh_last + r1 * H);
+    std::vector<float> dc(dc_last + r0 * H, dc_last + r1 * H);
     const float* k_after = nullptr;  // keep of the step after; none after the last
     for (int s = d.time - 1; s >= 0; --s) {  // the forward steps, last first
       const int t = at(s, d.time, reverse);
