@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -569,7 +570,7 @@ struct GruBackwardPass {
 // product, and copies D to a new layout before a scatter-add. Here D is packed chunk by
 // chunk (kChunk rows) into the panels of 64 columns that stay in L1 (as `Panels` does
 // for the weights) and every output takes its share of the panel while it is there; the
-// threads take disjoint sets of panels, so their outputs need no reduction.
+// threads take the chunks in turn, each into outputs of its own (GradientSumsImpl).
 constexpr int kChunk = 128;
 
 struct Input {  // an A and its product C = A^T D
@@ -586,12 +587,7 @@ struct RowSums {
   const int32_t* ids;  // null: no table
   float* table;
 
-  void whole() const {
-    if (n < kPanelCols) return tail(0);
-    panels(0, n / kPanelCols);
-  }
-
-  // The outputs, in the order `slice` and `add` lay them out in one array.
+  // The outputs, in the order `into` and `add` lay them out in one array.
   std::vector<std::pair<float*, size_t>> outputs() const {
     std::vector<std::pair<float*, size_t>> out{{col_sums, size_t(n)}};
     if (ids) out.push_back({table, size_t(vocab) * n});
@@ -603,47 +599,33 @@ struct RowSums {
     for (auto [p, count] : outputs()) size += count;
     return size;
   }
-  // The sums over rows [r0, r1) only, into `own` (output_size() floats) or, if null,
-  // into these outputs.
-  RowSums slice(size_t r0, size_t r1, float* own) const {
-    RowSums part = *this;
-    part.rows = int(r1 - r0), part.d = d + r0 * n;
-    if (ids) part.ids = ids + r0;
-    for (Input& in : part.inputs) in.a += r0 * in.m;
-    if (own) {
-      part.col_sums = own, own += n;
-      if (ids) part.table = own, own += size_t(vocab) * n;
-      for (Input& in : part.inputs) in.c = own, own += size_t(in.m) * n;
-    }
-    return part;
+  // The same sums into `own` (output_size() floats, zeroed) instead.
+  RowSums into(float* own) const {
+    RowSums copy = *this;
+    copy.col_sums = own, own += n;
+    if (ids) copy.table = own, own += size_t(vocab) * n;
+    for (Input& in : copy.inputs) in.c = own, own += size_t(in.m) * n;
+    return copy;
   }
-  // These outputs += a slice's own.
+  void zero() const {
+    for (auto [out, count] : outputs()) std::fill(out, out + count, 0.0f);
+  }
+  // These outputs += another copy's own.
   void add(const float* own) const {
     for (auto [out, count] : outputs())
       for (size_t i = 0; i < count; ++i) out[i] += *own++;
   }
 
-  // Columns [panel0 * 64, panel1 * 64) of every output; the part that ends at the last
-  // whole panel also takes the columns past it.
-  void panels(int panel0, int panel1) const {
-    const int col0 = panel0 * kPanelCols, col1 = panel1 * kPanelCols;
-    for (const Input& in : inputs) zero(in.c, in.m, col0, col1);
-    zero(col_sums, 1, col0, col1);
-    if (ids) zero(table, vocab, col0, col1);
-    std::vector<float> panel(size_t(kChunk) * kPanelCols);
-    for (int k0 = 0; k0 < rows; k0 += kChunk) {
-      const int kc = std::min(kChunk, rows - k0);
-      for (int col = col0; col < col1; col += kPanelCols) {
-        pack(k0, kc, col, panel.data());
-        for (const Input& in : inputs) product(in, k0, kc, col, panel.data());
-      }
+  // Rows k0..k0 + kc (kc <= kChunk) added into every output: each panel of 64 columns of
+  // d packed (into `panel`, kChunk x 64), then every input's share of it; then the
+  // columns past the last whole panel.
+  void chunk(int k0, int kc, float* panel) const {
+    const int full = n / kPanelCols * kPanelCols;
+    for (int col = 0; col < full; col += kPanelCols) {
+      pack(k0, kc, col, panel);
+      for (const Input& in : inputs) product(in, k0, kc, col, panel);
     }
-    if (panel1 == n / kPanelCols && col1 < n) tail(col1);
-  }
-
-  void zero(float* out, int out_rows, int col0, int col1) const {
-    for (int i = 0; i < out_rows; ++i)
-      std::fill(out + size_t(i) * n + col0, out + size_t(i) * n + col1, 0.0f);
+    if (full < n) tail(full, k0, k0 + kc);
   }
 
   // The panel of rows k0.. and columns col..col + 63, added to the column sums and to the
@@ -672,22 +654,19 @@ struct RowSums {
                         in.c + col, n);
   }
 
-  // Columns past the last whole panel (65 logits: one). Products as C^T: per row of A
-  // and per column, a broadcast of d times the row of a, accumulated over all rows.
-  void tail(int col0) const {
+  // Columns col0.. past the last whole panel (65 logits: one), over rows p0..p1.
+  // Products as C^T: per row of A and per column, a broadcast of d times the row of a.
+  void tail(int col0, int p0, int p1) const {
     const int cols = n - col0;
-    std::vector<float> sums(cols, 0.0f);
-    if (ids) zero(table, vocab, col0, n);
-    for (int p = 0; p < rows; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float* dr = d + size_t(p) * n + col0;
-      for (int j = 0; j < cols; ++j) sums[j] += dr[j];
+      for (int j = 0; j < cols; ++j) col_sums[col0 + j] += dr[j];
       if (ids)
         for (int j = 0; j < cols; ++j) table[size_t(clamped(p)) * n + col0 + j] += dr[j];
     }
-    for (int j = 0; j < cols; ++j) col_sums[col0 + j] = sums[j];
     for (const Input& in : inputs) {
       std::vector<float> ct(size_t(cols) * in.m, 0.0f);
-      for (int p = 0; p < rows; ++p) {
+      for (int p = p0; p < p1; ++p) {
         const float* ar = in.a + size_t(p) * in.m;
         for (int j = 0; j < cols; ++j) {
           float* acc = ct.data() + size_t(j) * in.m;
@@ -700,7 +679,7 @@ struct RowSums {
         }
       }
       for (int j = 0; j < cols; ++j)
-        for (int i = 0; i < in.m; ++i) in.c[size_t(i) * n + col0 + j] = ct[size_t(j) * in.m + i];
+        for (int i = 0; i < in.m; ++i) in.c[size_t(i) * n + col0 + j] += ct[size_t(j) * in.m + i];
     }
   }
 };
@@ -834,21 +813,29 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
     g.ids = ids.typed_data(), g.table = table->typed_data();
     g.vocab = int(table->element_count() / n);
   }
-  const int threads = int(pool.num_threads()), panels = n / kPanelCols;
-  if (panels >= threads) {
-    // Parts of any number of panels (each is a whole pass over d's rows).
-    parallel_rows(pool, panels, [&g](int p0, int p1) { g.panels(p0, p1); }, 1);
-    return ffi::Error::Success();
-  }
-  // Fewer panels than threads (the head's 65 logits: one): parts of the rows instead, the
-  // first into the outputs and each other into small outputs of its own, added after.
-  const int parts = num_parts(int(rows), threads, kChunk);
-  std::vector<std::vector<float>> own(parts - 1, std::vector<float>(g.output_size()));
-  parallel_rows(pool, parts, [&](int p0, int p1) {
-    for (int p = p0; p < p1; ++p)
-      g.slice(rows * p / parts, rows * (p + 1) / parts, p ? own[p - 1].data() : nullptr).whole();
+  // The threads take chunks of rows in turn, each summing into outputs of its own (the
+  // first into the real ones), added up at the end: a thread slowed by other work on its
+  // core takes fewer chunks, where fixed shares of the columns left the other waiting.
+  const int chunks = int((rows + kChunk - 1) / kChunk);
+  const int workers = num_parts(chunks, int(pool.num_threads()), 1);
+  std::vector<std::vector<float>> own(workers - 1);
+  std::atomic<int> next{0};
+  g.zero();
+  parallel_rows(pool, workers, [&](int w0, int w1) {
+    std::vector<float> panel(size_t(kChunk) * kPanelCols);
+    for (int w = w0; w < w1; ++w) {
+      std::optional<RowSums> mine;
+      for (int c; (c = next.fetch_add(1)) < chunks;) {
+        if (!mine) {
+          if (w) own[w - 1].assign(g.output_size(), 0.0f);
+          mine = w ? g.into(own[w - 1].data()) : g;
+        }
+        mine->chunk(c * kChunk, std::min(kChunk, int(rows) - c * kChunk), panel.data());
+      }
+    }
   }, 1);
-  for (const auto& o : own) g.add(o.data());
+  for (const auto& o : own)
+    if (!o.empty()) g.add(o.data());
   return ffi::Error::Success();
 }
 
