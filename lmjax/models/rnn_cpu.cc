@@ -570,8 +570,8 @@ struct GruBackwardPass {
 // product, and copies D to a new layout before a scatter-add. Here D is packed chunk by
 // chunk (kChunk rows) into the panels of 64 columns that stay in L1 (as `Panels` does
 // for the weights) and every output takes its share of the panel while it is there; the
-// threads take the chunks in turn, each into outputs of its own (GradientSumsImpl).
-constexpr int kChunk = 128;
+// threads take groups of chunks in turn, each into outputs of its own (GradientSumsImpl).
+constexpr int kChunk = 128, kGroups = 4;
 
 struct Input {  // an A and its product C = A^T D
   int m;
@@ -813,29 +813,26 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
     g.ids = ids.typed_data(), g.table = table->typed_data();
     g.vocab = int(table->element_count() / n);
   }
-  // The threads take chunks of rows in turn, each summing into outputs of its own (the
-  // first into the real ones), added up at the end: a thread slowed by other work on its
-  // core takes fewer chunks, where fixed shares of the columns left the other waiting.
+  // The rows go in (up to) kGroups groups of whole chunks, which the threads take in
+  // turn. Each group sums into outputs of its own (the first into the real ones), added
+  // in group order at the end, so the result does not depend on which thread took which
+  // group. (Single chunks taken in turn into one set of outputs per thread balanced the
+  // threads better and ran faster, but made the sums' rounding depend on the timing.)
   const int chunks = int((rows + kChunk - 1) / kChunk);
-  const int workers = num_parts(chunks, int(pool.num_threads()), 1);
-  std::vector<std::vector<float>> own(workers - 1);
+  const int groups = std::max(1, std::min(chunks, kGroups));
+  std::vector<std::vector<float>> own(groups - 1);
   std::atomic<int> next{0};
   g.zero();
-  parallel_rows(pool, workers, [&](int w0, int w1) {
+  parallel_rows(pool, groups, [&](int, int) {
     std::vector<float> panel(size_t(kChunk) * kPanelCols);
-    for (int w = w0; w < w1; ++w) {
-      std::optional<RowSums> mine;
-      for (int c; (c = next.fetch_add(1)) < chunks;) {
-        if (!mine) {
-          if (w) own[w - 1].assign(g.output_size(), 0.0f);
-          mine = w ? g.into(own[w - 1].data()) : g;
-        }
-        mine->chunk(c * kChunk, std::min(kChunk, int(rows) - c * kChunk), panel.data());
-      }
+    for (int q; (q = next.fetch_add(1)) < groups;) {
+      if (q) own[q - 1].assign(g.output_size(), 0.0f);
+      const RowSums mine = q ? g.into(own[q - 1].data()) : g;
+      for (int c = chunks * q / groups; c < chunks * (q + 1) / groups; ++c)
+        mine.chunk(c * kChunk, std::min(kChunk, int(rows) - c * kChunk), panel.data());
     }
   }, 1);
-  for (const auto& o : own)
-    if (!o.empty()) g.add(o.data());
+  for (const auto& o : own) g.add(o.data());
   return ffi::Error::Success();
 }
 
