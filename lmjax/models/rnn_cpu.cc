@@ -25,7 +25,6 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
