@@ -8,9 +8,10 @@ creates points into a temporary directory that is removed afterwards.
 Definitions (what the printed figures mean):
 
 * Step time is measured per step with `jax.block_until_ready` on the step's outputs, so
-  it is device time plus dispatch; drawing the batch and `to_global` happen before the
-  clock starts. Throughput (steps/s, tokens/s) uses the *median* step time, which is
-  robust to the occasional hiccup on a shared machine; the mean is reported too.
+  it is device time plus dispatch; drawing the batch happens before the clock starts (in
+  one process the batch's transfer is part of the step's dispatch: see `to_global`).
+  Throughput (steps/s, tokens/s) uses the *median* step time, which is robust to the
+  occasional hiccup on a shared machine; the mean is reported too.
 * FLOPs per token follow nanoGPT's `estimate_mfu` (PaLM, appendix B):
   `6 * N + 12 * num_layers * embed_dim * block_size`, where N is the number of
   non-embedding parameters counted from the actual params tree (every weight, bias and
@@ -104,7 +105,7 @@ def _time_steps(setup: trainer.Setup, model_config: GPTConfig, data: LMData,
         state, metrics = jax.block_until_ready(setup.step_fn(state, next_batch()))
     times = []
     for _ in range(steps):
-        batch = next_batch()  # host input pipeline stays outside the clock
+        batch = next_batch()  # the host input pipeline stays outside the clock
         start = time.perf_counter()
         state, metrics = jax.block_until_ready(setup.step_fn(state, batch))
         times.append(time.perf_counter() - start)
