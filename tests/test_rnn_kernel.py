@@ -211,3 +211,93 @@ def test_failed_build_names_the_compiler_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="compiling .*rnn_cpu.cc failed"):
         rnn_cpu.build()
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+@pytest.mark.parametrize("shape", [
+    (50, 50, 128, 65),  # char-rnn: 65 symbols (one column past a multiple of 16)
+    (7, 9, 40, 23),  # 63 rows: one chunk, not a multiple of 16 features
+    (3, 45, 24, 130),  # 135 rows over three chunks; vocab past two 64-column panels
+    (2, 3, 16, 16),  # a whole vector of symbols, no padding
+], ids=str)
+def test_softmax_xent_equals_numpy(shape):
+    """The fused head's per-token losses and the gradients of sum(g * losses) equal
+    float64 NumPy. Logits of scale ~50 make some probabilities underflow, a target's
+    included: its loss stays finite and exact (log-sum-exp, not log of a probability)."""
+    time, batch, features, vocab = shape
+    rng = np.random.default_rng(vocab)
+    x = rng.normal(size=(time, batch, features)).astype(np.float32)
+    w = (rng.normal(size=(features, vocab)) * 50 / np.sqrt(features)).astype(np.float32)
+    b = rng.normal(size=vocab).astype(np.float32)
+    targets = rng.integers(0, vocab, size=(time, batch))
+    g = rng.random((time, batch)).astype(np.float32)
+    z = x.astype(np.float64) @ w + b
+    targets[0, 0] = z[0, 0].argmin()  # whose probability underflows float32
+    losses, probs = jax.jit(rnn_cpu.softmax_xent)(x, w, b, targets)
+    dx, dw, db = jax.jit(rnn_cpu.softmax_xent_grads)(x, w, probs, targets, g)
+
+    top = z.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(z - top).sum(-1))
+    want_losses = lse - np.take_along_axis(z, targets[..., None], -1)[..., 0]
+    p = np.exp(z - lse[..., None])
+    d = g[..., None] * (p - np.eye(vocab)[targets])
+    assert np.isfinite(losses).all() and want_losses[0, 0] > 104  # e^-104 < float32's least
+    # Bounds: each float32 logit is off by at most (features + 2) 2^-24 (|x| |w| + |b|);
+    # a loss by twice its row's worst logit, a probability p by p times that (exp turns
+    # an error in z into a relative one) plus a few ulps; each gradient by the sum of
+    # |x| or |w| times the error in d = g (p - onehot), plus its float32 sum of `terms`.
+    z_err = (features + 2) * 2.0 ** -24 * (np.abs(x) @ np.abs(w) + np.abs(b))
+    row_err = 2 * z_err.max(-1)
+    np.testing.assert_array_less(np.abs(losses - want_losses),
+                                 row_err + 1e-6 * np.abs(want_losses))
+    p_err = p * (row_err[..., None] + 1e-6)
+    np.testing.assert_array_less(np.abs(probs - p), p_err + 1e-30)
+    rows = time * batch
+    flat_x, flat_d = x.reshape(rows, -1).astype(np.float64), d.reshape(rows, -1)
+    d_err = (g[..., None] * p_err).reshape(rows, -1)
+
+    def check(got, want, magnitude, from_d, terms):
+        np.testing.assert_array_less(np.abs(got - want),
+                                     from_d + (terms + 8) * 2.0 ** -24 * magnitude + 1e-30)
+
+    abs_x = np.abs(flat_x)
+    check(dw, flat_x.T @ flat_d, abs_x.T @ np.abs(flat_d), abs_x.T @ d_err, rows)
+    check(db, flat_d.sum(0), np.abs(flat_d).sum(0), d_err.sum(0), rows)
+    check(dx, d @ w.T, np.abs(d) @ np.abs(w.T), (d_err @ np.abs(w.T)).reshape(dx.shape), vocab)
+
+
+def test_softmax_xent_propagates_nan():
+    """A NaN in the head's input makes the loss NaN (the trainer stops on it)."""
+    x = np.ones((2, 3, 16), np.float32)
+    x[1, 2, 5] = np.nan
+    losses, _ = jax.jit(rnn_cpu.softmax_xent)(x, np.ones((16, 20), np.float32),
+                                              np.zeros(20, np.float32), np.zeros((2, 3), int))
+    assert np.isnan(losses[1, 2]) and np.isfinite(np.delete(np.asarray(losses).ravel(), 5)).all()
+
+
+def test_lm_losses_equal_xla_and_sharded():
+    """The LM's per-token losses from the fused head (given targets) and their gradients
+    equal the XLA path's logits and optax cross-entropy, on one device and on a data=4 x
+    tensor=2 mesh (each device runs the head's kernels on its own rows)."""
+    config = rnn.RNNConfig(cell="lstm", vocab_size=23, embed_dim=24, hidden_dim=40,
+                           num_layers=2)
+    model = rnn.RNNLM(config)
+    rng = np.random.default_rng(0)
+    tokens, targets = (jnp.asarray(rng.integers(0, 23, size=(8, 11)), jnp.int32)
+                       for _ in range(2))
+    params = model.init(jax.random.key(0), tokens)["params"]
+    weights = jnp.asarray(rng.random((8, 11)), jnp.float32)
+
+    def loss(p):
+        losses, _ = model.apply({"params": p}, tokens, targets=targets)
+        return jnp.sum(losses * weights)
+
+    fn = jax.value_and_grad(loss)
+    assert "lmjax_SoftmaxXentBackward" in jax.jit(fn).lower(params).as_text()
+    got = jax.jit(fn)(params)
+    with rnn_cpu.disabled():
+        want = jax.jit(fn)(params)
+    with jax.set_mesh(make_mesh(4, 1, 2)):
+        sharded = jax.jit(fn)(params)
+    for a, b, c in zip(*map(jax.tree.leaves, (got, want, sharded)), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(c, a, atol=1e-5, rtol=1e-5)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import linen as nn
 
 from lmjax.models import layers, rnn_cpu
@@ -561,13 +562,14 @@ class RNNConfig:
 
 
 class RNNLM(nn.Module):
-    """tokens (batch, time), carry, resets (batch, time) -> (logits (batch, time, vocab), carry)."""
+    """tokens (batch, time), carry, resets (batch, time) -> (logits (batch, time, vocab),
+    carry); given targets (batch, time), (per-token cross-entropy (batch, time), carry)."""
 
     config: RNNConfig
 
     @nn.compact
     def __call__(self, tokens: Array, carry: dict | None = None, resets: Array | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, targets: Array | None = None):
         c = self.config
         carry = carry if carry is not None else c.zero_carry(tokens.shape[0])
         embed = nn.Embed(c.vocab_size, c.embed_dim,
@@ -585,24 +587,51 @@ class RNNLM(nn.Module):
                 x, carry[name], resets, embedding=embed.embedding if fold and i == 0 else None)
             x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
             x = layers.constrain(x, ("batch", "length", "act_mlp"))
-        logits = Head(c.vocab_size, name="head")(jnp.swapaxes(x, 0, 1))
-        return logits.astype(jnp.float32), new_carry
+        out = Head(c.vocab_size, name="head")(jnp.swapaxes(x, 0, 1), targets)
+        return out.astype(jnp.float32), new_carry
 
 
 class Head(nn.Module):
     """The output layer, fed time-major: x (time, batch, in) -> logits (batch, time,
     vocab), with layers.Dense's parameters (kernel (in, vocab), bias). Time-major, its
     input and its input's gradient need no transpose between it and the recurrence; its
-    weight gradient is `_product`'s."""
+    weight gradient is `_product`'s. Given targets (batch, time), it returns the
+    per-token cross-entropy (batch, time) instead: on the CPU in float32 from the fused
+    kernel of rnn_cpu.softmax_xent (the logits never leave it), else from the logits."""
 
     vocab: int
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, targets: Array | None = None) -> Array:
         kernel = self.param("kernel", layers.init(0.05, ("embed", "vocab")),
-                            (x.shape[-1], self.vocab))
-        bias = self.param("bias", layers.zeros(("vocab",)), (self.vocab,))
-        return jnp.swapaxes(_matmul(x, kernel.astype(x.dtype)) + bias, 0, 1)
+                            (x.shape[-1], self.vocab)).astype(x.dtype)
+        bias = self.param("bias", layers.zeros(("vocab",)), (self.vocab,)).astype(x.dtype)
+        if targets is not None and rnn_cpu.usable(x, kernel, bias):
+            return jnp.swapaxes(_softmax_xent(x, kernel, bias, jnp.swapaxes(targets, 0, 1)), 0, 1)
+        logits = jnp.swapaxes(_matmul(x, kernel) + bias, 0, 1)
+        if targets is None:
+            return logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                               targets)
+
+
+@jax.custom_vjp
+def _softmax_xent(x, kernel, bias, targets):
+    """Per-token cross-entropy (time, batch) of logits x kernel + bias, by the CPU kernel."""
+    return rnn_cpu.softmax_xent(x, kernel, bias, targets)[0]
+
+
+def _softmax_xent_fwd(x, kernel, bias, targets):
+    losses, probs = rnn_cpu.softmax_xent(x, kernel, bias, targets)
+    return losses, (x, kernel, probs, targets)
+
+
+def _softmax_xent_bwd(residuals, g):
+    x, kernel, probs, targets = residuals
+    return (*rnn_cpu.softmax_xent_grads(x, kernel, probs, targets, g), None)
+
+
+_softmax_xent.defvjp(_softmax_xent_fwd, _softmax_xent_bwd)
 
 
 class BiLayer(nn.Module):

@@ -1,7 +1,8 @@
 // LSTM and GRU recurrences for XLA's CPU backend, as XLA FFI handlers (forward and
 // backward for each; the GRU's are further down and share the product and threading),
-// and the sums over all timesteps that give their weight, bias and lookup-table
-// gradients (GradientSums, at the end).
+// the sums over all timesteps that give their weight, bias and lookup-table gradients
+// (GradientSums), and the output layer with its softmax cross-entropy (SoftmaxXent*,
+// at the end).
 //
 // Why: at char-rnn's size (batch 50, hidden 128) an XLA while loop spends most of each
 // step on the fixed cost of a dozen small kernels (the recurrent product, the gate
@@ -835,6 +836,191 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
   return ffi::Error::Success();
 }
 
+
+// The output layer and its softmax cross-entropy in two calls (SoftmaxXentForward /
+// SoftmaxXentBackward): x (rows, in), W (in, V), b (V), targets (rows) ->
+//   z = x W + b;  loss = logsumexp(z) - z[target];  p = softmax(z)   (p is saved), and
+//   d = g (p - onehot(target));  dx = d W^T;  dW = x^T d;  db = sum of d over rows.
+// Why: at char-rnn's 65 symbols each of the head's three products (XLA's two and
+// GradientSums) has one column past a multiple of 16 and ran at about half the speed it
+// has at 64 columns, and XLA's softmax is half a dozen small kernels. Here rows go in chunks of kXentRows, and every chunk's logits or gradient live
+// in a buffer of Vp = V rounded up to 16 columns (zero weights past V), in L1, from the
+// product that makes them to the ones that read them.
+constexpr int kXentRows = 64;
+
+// exp on 16 lanes (Cephes' expf: 2^n e^r, |r| <= ln2 / 2, a degree-7 polynomial in r;
+// about 1 ulp); 0 below -87.3 (where expf leaves the normal floats), -inf included;
+// NaN stays NaN.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.33654475f), hi = splat(88.3762626647949f);
+  const auto under = x < lo;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: (v + magic) - magic rounds v
+  vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  vf q = splat(1.9875691500e-4f);
+  q = q * r + splat(1.3981999507e-3f);
+  q = q * r + splat(8.3334519073e-3f);
+  q = q * r + splat(4.1665795894e-2f);
+  q = q * r + splat(1.6666665459e-1f);
+  q = q * r + splat(5.0000001201e-1f);
+  vf e = q * r * r + r + splat(1.0f);
+  typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  e *= scale;
+  return under ? splat(0.0f) : e;
+}
+
+inline int padded(int v) { return (v + kLanes - 1) / kLanes * kLanes; }
+
+struct Xent {
+  int rows, in, vocab, vp;  // vp: vocab rounded up to 16
+  const float *x, *bias;
+  const int32_t* targets;
+
+  int target(int row) const { return std::clamp(int(targets[row]), 0, vocab - 1); }
+
+  // losses and p of rows r0..r1 (w: W padded to vp columns, in panels).
+  void forward(int r0, int r1, const Panels& w, float* losses, float* probs) const {
+    std::vector<float> z(size_t(kXentRows) * vp);
+    for (int c0 = r0; c0 < r1; c0 += kXentRows) {
+      const int m = std::min(kXentRows, r1 - c0);
+      for (int r = 0; r < m; ++r) {
+        std::copy(bias, bias + vocab, z.data() + size_t(r) * vp);
+        std::fill(z.data() + size_t(r) * vp + vocab, z.data() + size_t(r + 1) * vp, 0.0f);
+      }
+      gemm_acc(m, w, x + size_t(c0) * in, in, z.data(), vp);
+      for (int r = 0; r < m; ++r) softmax_row(c0 + r, z.data() + size_t(r) * vp, losses, probs);
+    }
+  }
+
+  void softmax_row(int row, float* z, float* losses, float* probs) const {
+    for (int j = vocab; j < vp; ++j) z[j] = -INFINITY;
+    vf top = load(z);
+    for (int j = kLanes; j < vp; j += kLanes) {
+      vf v = load(z + j);
+      top = v > top ? v : top;
+    }
+    float mx = top[0];
+    for (int l = 1; l < kLanes; ++l) mx = std::max(mx, top[l]);
+    const int t = target(row);
+    const float zt = z[t] - mx;
+    vf sum = {};
+    for (int j = 0; j < vp; j += kLanes) {
+      vf e = vexp(load(z + j) - splat(mx));
+      store(z + j, e);
+      sum += e;
+    }
+    float total = 0.0f;
+    for (int l = 0; l < kLanes; ++l) total += sum[l];
+    losses[row] = std::log(total) - zt;  // -log p[t] = log sum exp(z - mx) - (z[t] - mx)
+    const float inv = 1.0f / total;
+    float* p = probs + size_t(row) * vocab;
+    for (int j = 0; j < vocab; ++j) p[j] = z[j] * inv;
+  }
+};
+
+// d x and this group's dW, db (vp columns) from rows r0..r1; wt: W^T in panels.
+void xent_backward_rows(const Xent& xe, int r0, int r1, const Panels& wt, const float* probs,
+                        const float* g, float* dx, float* dw, float* db) {
+  const int vp = xe.vp, V = xe.vocab, in = xe.in;
+  std::vector<float> d(size_t(kXentRows) * vp);
+  for (int c0 = r0; c0 < r1; c0 += kXentRows) {
+    const int m = std::min(kXentRows, r1 - c0);
+    for (int r = 0; r < m; ++r) {
+      float* dr = d.data() + size_t(r) * vp;
+      const float* p = probs + size_t(c0 + r) * V;
+      const float gr = g[c0 + r];
+      for (int j = 0; j < V; ++j) dr[j] = gr * p[j];
+      std::fill(dr + V, dr + vp, 0.0f);
+      dr[xe.target(c0 + r)] -= gr;
+      for (int j = 0; j < vp; j += kLanes) store(db + j, load(db + j) + load(dr + j));
+    }
+    float* dxc = dx + size_t(c0) * in;
+    std::fill(dxc, dxc + size_t(m) * in, 0.0f);
+    gemm_acc(m, wt, d.data(), vp, dxc, in);
+    const float* xc = xe.x + size_t(c0) * in;  // dW += xc^T d
+    int col = 0;
+    for (; col + kPanelCols <= vp; col += kPanelCols)
+      row_blocks<4, true>(in, m, xc, in, d.data() + col, vp, dw + col, vp);
+    for (; col < vp; col += kLanes)
+      row_blocks<1, true>(in, m, xc, in, d.data() + col, vp, dw + col, vp);
+  }
+}
+
+ffi::Error XentCheck(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w,
+                     const ffi::Buffer<ffi::S32>& targets, Xent& xe) {
+  auto dims = x.dimensions(), wd = w.dimensions();
+  if (dims.size() < 2 || wd.size() != 2 || wd[0] != dims.back())
+    return ffi::Error::InvalidArgument("softmax cross-entropy: x must be (rows..., in) and "
+                                       "W (in, vocab)");
+  xe.in = int(dims.back()), xe.vocab = int(wd[1]), xe.vp = padded(xe.vocab);
+  xe.rows = int(x.element_count() / xe.in);
+  if (targets.element_count() != size_t(xe.rows))
+    return ffi::Error::InvalidArgument("softmax cross-entropy: targets must have x's rows");
+  xe.x = x.typed_data(), xe.targets = targets.typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftmaxXentForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
+                                  ffi::Buffer<ffi::S32> targets,
+                                  ffi::ResultBuffer<ffi::F32> losses,
+                                  ffi::ResultBuffer<ffi::F32> probs) {
+  Xent xe{};
+  if (auto e = XentCheck(x, w, targets, xe); e.failure()) return e;
+  xe.bias = bias.typed_data();
+  std::vector<float> wp(size_t(xe.in) * xe.vp, 0.0f);  // W with zero columns up to vp
+  for (int i = 0; i < xe.in; ++i)
+    std::copy(w.typed_data() + size_t(i) * xe.vocab, w.typed_data() + size_t(i + 1) * xe.vocab,
+              wp.data() + size_t(i) * xe.vp);
+  const Panels panels(xe.in, xe.vp, wp.data(), xe.vp);
+  float *out = losses->typed_data(), *p = probs->typed_data();
+  parallel_rows(pool, xe.rows, [&](int r0, int r1) { xe.forward(r0, r1, panels, out, p); },
+                kXentRows);
+  return ffi::Error::Success();
+}
+
+// The row groups work as GradientSums' do: fixed groups taken by the threads in turn, each
+// into dW, db of its own, added in group order (the sums' rounding does not depend on the
+// timing).
+ffi::Error SoftmaxXentBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> probs,
+                                   ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> g,
+                                   ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                                   ffi::ResultBuffer<ffi::F32> db) {
+  Xent xe{};
+  if (auto e = XentCheck(x, w, targets, xe); e.failure()) return e;
+  if (probs.element_count() != size_t(xe.rows) * xe.vocab || g.element_count() != size_t(xe.rows))
+    return ffi::Error::InvalidArgument("softmax cross-entropy: probs or g do not match x");
+  const Panels wt(xe.vocab, xe.in, w.typed_data(), xe.vocab, true);  // W^T
+  const int chunks = (xe.rows + kXentRows - 1) / kXentRows;
+  const int groups = std::max(1, std::min(chunks, kGroups));
+  const size_t own = size_t(xe.in + 1) * xe.vp;  // dW (in x vp), then db (vp)
+  std::vector<float> sums(groups * own, 0.0f);
+  std::atomic<int> next{0};
+  parallel_rows(pool, groups, [&](int, int) {
+    for (int q; (q = next.fetch_add(1)) < groups;) {
+      float* mine = sums.data() + q * own;
+      const int r0 = std::min(xe.rows, chunks * q / groups * kXentRows);
+      const int r1 = std::min(xe.rows, chunks * (q + 1) / groups * kXentRows);
+      xent_backward_rows(xe, r0, r1, wt, probs.typed_data(), g.typed_data(), dx->typed_data(),
+                         mine, mine + size_t(xe.in) * xe.vp);
+    }
+  }, 1);
+  for (int q = 1; q < groups; ++q)
+    for (size_t i = 0; i < own; ++i) sums[i] += sums[q * own + i];
+  for (int i = 0; i < xe.in; ++i)
+    std::copy(sums.data() + size_t(i) * xe.vp, sums.data() + size_t(i) * xe.vp + xe.vocab,
+              dw->typed_data() + size_t(i) * xe.vocab);
+  const float* dbs = sums.data() + size_t(xe.in) * xe.vp;
+  std::copy(dbs, dbs + xe.vocab, db->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
@@ -914,6 +1100,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GradientSums, GradientSumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SoftmaxXentForward, SoftmaxXentForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SoftmaxXentBackward, SoftmaxXentBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

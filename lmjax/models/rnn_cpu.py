@@ -1,6 +1,7 @@
 """The LSTM and GRU recurrences as compiled CPU kernels (rnn_cpu.cc), called through
-XLA's FFI, and `gradient_sums`, the weight, bias and lookup-table gradients summed over
-all timesteps in one pass over the gates' gradient.
+XLA's FFI; `gradient_sums`, the weight, bias and lookup-table gradients summed over
+all timesteps in one pass over the gates' gradient; and `softmax_xent`, the output layer
+with its softmax cross-entropy and their gradients.
 
 XLA's CPU backend runs a `lax.scan` body as a dozen small kernels per step, and at
 char-rnn's size their fixed cost outweighs the arithmetic; a kernel runs the whole time
@@ -105,7 +106,8 @@ def available() -> bool:
     except (RuntimeError, OSError) as e:
         log.warning("RNN CPU kernels unavailable, using the XLA scan: %s", e)
         return False
-    for name in ("LstmForward", "LstmBackward", "GruForward", "GruBackward", "GradientSums"):
+    for name in ("LstmForward", "LstmBackward", "GruForward", "GruBackward", "GradientSums",
+                 "SoftmaxXentForward", "SoftmaxXentBackward"):
         jax.ffi.register_ffi_target(f"lmjax_{name}", jax.ffi.pycapsule(getattr(library, name)),
                                     platform="cpu")
     return True
@@ -294,3 +296,45 @@ def gradient_sums(d, inputs=(), ids=None, vocab: int = 0):
     call = jax.ffi.ffi_call("lmjax_GradientSums", shapes)
     c1, c2, sums, table = _summed_over_batch(call, d, a1, a2, ids)
     return [c1, c2][:len(inputs)], sums, (table if with_table else None)
+
+
+def softmax_xent(x, w, b, targets):
+    """The output layer's per-token cross-entropy: x (time, batch, in), w (in, vocab), b
+    (vocab,), targets (time, batch) int -> losses (time, batch) of logits x w + b, and the
+    softmax probabilities (time, batch, vocab) that `softmax_xent_grads` takes."""
+    _require()
+    targets = targets.astype(jnp.int32)
+
+    def call(x, w, b, targets):
+        time, batch, _ = x.shape
+        return jax.ffi.ffi_call("lmjax_SoftmaxXentForward", (
+            jax.ShapeDtypeStruct((time, batch), jnp.float32),
+            jax.ShapeDtypeStruct((time, batch, w.shape[1]), jnp.float32)))(x, w, b, targets)
+
+    return _over_batch(call, (x, w, b, targets), (1, None, None, 1), (1, 1))
+
+
+def softmax_xent_grads(x, w, probs, targets, g):
+    """Gradients of sum(g * losses) of `softmax_xent`: dx (time, batch, in), dw (in,
+    vocab), db (vocab,); g (time, batch)."""
+    _require()
+    targets = targets.astype(jnp.int32)
+
+    def call(x, w, probs, targets, g):
+        shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(w.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(w.shape[1:], jnp.float32))
+        return jax.ffi.ffi_call("lmjax_SoftmaxXentBackward", shapes)(x, w, probs, targets, g)
+
+    axes = _batch_axes(x.shape[1])
+    if not axes:
+        return call(x, w, probs, targets, g)
+
+    def part(*args):
+        dx, dw, db = call(*args)
+        return dx, jax.lax.psum(dw, axes), jax.lax.psum(db, axes)
+
+    rows = P(None, axes)
+    return jax.shard_map(part, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(rows, P(), rows, rows, rows), out_specs=(rows, P(), P()),
+                         check_vma=False)(x, w, probs, targets, g)

@@ -195,11 +195,11 @@ def add_sums(total: dict | None, sums: dict) -> dict:
 class StreamLMTask(Task):
     """Language modelling with truncated BPTT: each batch row is a contiguous stream.
 
-    model(tokens, carry, resets, deterministic) -> (logits, carry). The carry after one
-    batch is the start of the next (kept in the train state, so checkpointed); it is
-    reset where `resets` marks the start of a stream or document. Gradients stop at
-    batch boundaries (the carry enters the step as data). Eval runs the held-out stream
-    the same way, carrying the state across its fixed batches.
+    model(tokens, carry, resets, deterministic, targets) -> (per-token losses, carry).
+    The carry after one batch is the start of the next (kept in the train state, so
+    checkpointed); it is reset where `resets` marks the start of a stream or document.
+    Gradients stop at batch boundaries (the carry enters the step as data). Eval runs the
+    held-out stream the same way, carrying the state across its fixed batches.
     """
 
     def __init__(self, model: nn.Module, data: pipelines.LMData, length: int, zero_carry):
@@ -213,18 +213,19 @@ class StreamLMTask(Task):
     def init_carry(self, batch_size):
         return self.zero_carry(batch_size)
 
-    def _apply(self, params, batch, carry, rng, deterministic):
+    def _losses(self, params, batch, carry, rng, deterministic):
+        """Per-token cross-entropy and the new carry: the model is given the targets (the
+        RNN LM's head then computes the loss without handing out the logits)."""
         return self.model.apply({"params": params}, batch["inputs"], carry, batch["resets"],
-                                deterministic=deterministic, rngs=_rngs(rng))
+                                deterministic=deterministic, targets=batch["targets"],
+                                rngs=_rngs(rng))
 
     def loss(self, params, batch, carry, rng, deterministic):
-        logits, carry = self._apply(params, batch, carry, rng, deterministic)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-        return loss, ({}, jax.lax.stop_gradient(carry))
+        losses, carry = self._losses(params, batch, carry, rng, deterministic)
+        return losses.mean(), ({}, jax.lax.stop_gradient(carry))
 
     def eval_sums(self, params, batch, carry):
-        logits, carry = self._apply(params, batch, carry, None, True)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        losses, carry = self._losses(params, batch, carry, None, True)
         return {"loss": losses.sum(), "tokens": jnp.asarray(losses.size, jnp.float32)}, carry
 
     def finish_eval(self, sums):
