@@ -5,7 +5,8 @@
 
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
-  the recurrence in the compiled CPU kernel of lmjax/models/rnn_cpu.cc);
+  the recurrence, the weight-gradient sums and the head's softmax cross-entropy in the
+  compiled CPU kernels of lmjax/models/rnn_cpu.cc);
 * lmjax-xla: the same step with the recurrence as lmjax's XLA scan (the kernel off);
 * flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))` (`nn.GRUCell` for the GRU),
   same sizes and optimiser;

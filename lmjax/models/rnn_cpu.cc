@@ -239,6 +239,17 @@ void parallel_rows(ffi::ThreadPool& pool, int rows, F fn, int min_rows = 4) {
   shared->cv.wait(lock, [&] { return shared->done.load() == parts; });
 }
 
+// Runs fn(q) for q = 0..groups - 1, the threads (as parallel_rows') taking the groups in
+// turn. Sums that each group makes into outputs of its own and that are added in group
+// order afterwards then do not depend on which thread took which group.
+template <typename F>
+void each_group(ffi::ThreadPool& pool, int groups, F fn) {
+  std::atomic<int> next{0};
+  parallel_rows(pool, groups, [&](int, int) {
+    for (int q; (q = next.fetch_add(1)) < groups;) fn(q);
+  }, 1);
+}
+
 struct Dims {
   int time, batch, hidden;
   int gates() const { return 4 * hidden; }
@@ -821,17 +832,14 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
   const int chunks = int((rows + kChunk - 1) / kChunk);
   const int groups = std::max(1, std::min(chunks, kGroups));
   std::vector<std::vector<float>> own(groups - 1);
-  std::atomic<int> next{0};
   g.zero();
-  parallel_rows(pool, groups, [&](int, int) {
+  each_group(pool, groups, [&](int q) {
     std::vector<float> panel(size_t(kChunk) * kPanelCols);
-    for (int q; (q = next.fetch_add(1)) < groups;) {
-      if (q) own[q - 1].assign(g.output_size(), 0.0f);
-      const RowSums mine = q ? g.into(own[q - 1].data()) : g;
-      for (int c = chunks * q / groups; c < chunks * (q + 1) / groups; ++c)
-        mine.chunk(c * kChunk, std::min(kChunk, int(rows) - c * kChunk), panel.data());
-    }
-  }, 1);
+    if (q) own[q - 1].assign(g.output_size(), 0.0f);
+    const RowSums mine = q ? g.into(own[q - 1].data()) : g;
+    for (int c = chunks * q / groups; c < chunks * (q + 1) / groups; ++c)
+      mine.chunk(c * kChunk, std::min(kChunk, int(rows) - c * kChunk), panel.data());
+  });
   for (const auto& o : own) g.add(o.data());
   return ffi::Error::Success();
 }
@@ -1001,16 +1009,13 @@ ffi::Error SoftmaxXentBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   const int groups = std::max(1, std::min(chunks, kGroups));
   const size_t own = size_t(xe.in + 1) * xe.vp;  // dW (in x vp), then db (vp)
   std::vector<float> sums(groups * own, 0.0f);
-  std::atomic<int> next{0};
-  parallel_rows(pool, groups, [&](int, int) {
-    for (int q; (q = next.fetch_add(1)) < groups;) {
-      float* mine = sums.data() + q * own;
-      const int r0 = std::min(xe.rows, chunks * q / groups * kXentRows);
-      const int r1 = std::min(xe.rows, chunks * (q + 1) / groups * kXentRows);
-      xent_backward_rows(xe, r0, r1, wt, probs.typed_data(), g.typed_data(), dx->typed_data(),
-                         mine, mine + size_t(xe.in) * xe.vp);
-    }
-  }, 1);
+  each_group(pool, groups, [&](int q) {
+    float* mine = sums.data() + q * own;
+    const int r0 = std::min(xe.rows, chunks * q / groups * kXentRows);
+    const int r1 = std::min(xe.rows, chunks * (q + 1) / groups * kXentRows);
+    xent_backward_rows(xe, r0, r1, wt, probs.typed_data(), g.typed_data(), dx->typed_data(),
+                       mine, mine + size_t(xe.in) * xe.vp);
+  });
   for (int q = 1; q < groups; ++q)
     for (size_t i = 0; i < own; ++i) sums[i] += sums[q * own + i];
   for (int i = 0; i < xe.in; ++i)
