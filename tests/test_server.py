@@ -156,12 +156,24 @@ def test_too_long_prompt_names_the_limit(server):
 
 def test_queue_full_is_429(server):
     engine = server["engine"]
-    blockers = [engine.submit([1] * 100, SamplingParams(max_new_tokens=28))
-                for _ in range(engine.max_jobs - engine.pending())]
-    with pytest.raises(openai.RateLimitError):
-        _client(server).completions.create(model="tiny", prompt="a", max_tokens=2)
-    for job in blockers:
-        engine.cancel(job)
+    parked, release = threading.Event(), threading.Event()
+
+    def park(job, text, finished):  # runs in the engine thread: holds it until released
+        if finished:
+            parked.set()
+            release.wait(60)
+
+    # Parking the engine keeps the queued jobs queued however fast it decodes.
+    engine.submit([1], SamplingParams(max_new_tokens=1), park)
+    try:
+        assert parked.wait(30)
+        blockers = [engine.submit([1], SamplingParams(max_new_tokens=1))
+                    for _ in range(engine.max_jobs - engine.pending())]
+        assert engine.pending() == engine.max_jobs
+        with pytest.raises(openai.RateLimitError):
+            _client(server).completions.create(model="tiny", prompt="a", max_tokens=2)
+    finally:
+        release.set()
     for job in blockers:
         assert job.done.wait(30)
 
