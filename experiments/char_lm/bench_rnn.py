@@ -19,6 +19,10 @@ median step time over this implementation's, the two measured a few seconds apar
 the lowest and highest round beside it: on a shared machine whose speed drifts from
 minute to minute, the spread says how far one figure can be trusted.
 
+For the LSTM it also prints the rates of lmjax's and PyTorch's steps in GFLOP/s (their
+products counted from the sizes) beside a float32 jnp.dot of the same size timed in the
+same rounds: how close each step runs to what a matrix product reaches on this machine.
+
     python experiments/char_lm/bench_rnn.py [--steps=50] [--rounds=5] [--cell=lstm|gru]
 """
 
@@ -183,6 +187,30 @@ def torch_runner(data, cell: str):
     return step
 
 
+def lstm_step_flops(lookup: bool = True) -> float:
+    """Multiply-adds x 2 of the products in an LSTM training step (elementwise work
+    aside): each layer's recurrence h @ W_h forward and dz @ W_h^T backward and its weight
+    gradient; each layer's input projection, its input gradient and its weight gradient;
+    the head forward and its two gradients. With `lookup` (lmjax), layer 0 looks its
+    projections up in a 65-row table instead, whose three products are 65 rows long."""
+    rows, gates = BATCH * LENGTH, 4 * HIDDEN
+    product = 2 * rows * HIDDEN * gates
+    table = 2 * VOCAB * HIDDEN * gates
+    head = 2 * rows * HIDDEN * VOCAB
+    projections = (LAYERS - 1) * 3 * product + 3 * (table if lookup else product)
+    return LAYERS * 3 * product + projections + 3 * head
+
+
+def gemm_runner():
+    """A float32 jnp.dot the size of the step's products (2500 x 512 by 512 x 128): what
+    this machine's XLA does at that size, the roof for the step's rate."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (BATCH * LENGTH, 4 * HIDDEN))
+    b = jax.random.normal(key, (4 * HIDDEN, HIDDEN))
+    dot = jax.jit(jnp.dot)
+    return lambda: jax.block_until_ready(dot(a, b))
+
+
 def time_steps(step, steps: int) -> float:
     """Median seconds per step over `steps` steps (each waits for its result)."""
     times = []
@@ -223,10 +251,14 @@ def main() -> None:
     for run in runners.values():
         for _ in range(args.warmup):
             run()
+    gemm = gemm_runner()
+    time_steps(gemm, args.warmup)
     medians = {name: [] for name in runners}
+    gemm_times = []
     for _ in range(args.rounds):  # interleaved, so load on a shared machine hits all alike
         for name, run in runners.items():
             medians[name].append(time_steps(run, args.steps))
+        gemm_times.append(time_steps(gemm, 4 * args.steps))
     print(f"char-rnn step: {LAYERS} x {HIDDEN} {args.cell.upper()}, batch {BATCH} x {LENGTH}, "
           f"vocab {VOCAB}, RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads "
           f"{threads}; 1-min load average at start {load:.2f}")
@@ -243,6 +275,17 @@ def main() -> None:
         r["vs_torch_range"] = [min(ratios), max(ratios)]
         print(f"{name:9} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} "
               f"{r['vs_torch']:8.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x")
+    gemm_rate = 2 * BATCH * LENGTH * 4 * HIDDEN * HIDDEN / statistics.median(gemm_times) / 1e9
+    result["gemm_gflops"] = gemm_rate
+    if args.cell == "lstm":  # each step's products per second, against the jnp.dot's
+        for name, flops in [("lmjax", lstm_step_flops()), ("torch", lstm_step_flops(False))]:
+            if name in result:
+                rate = flops / result[name]["ms_per_step"] / 1e6
+                result[name]["gflops"] = rate
+                print(f"{name}'s step: {flops / 1e9:.2f} GFLOP of products, {rate:.0f} GFLOP/s "
+                      f"at its median, {rate / gemm_rate:.0%} of the float32 GEMM's rate")
+        print(f"GEMM: {gemm_rate:.0f} GFLOP/s in the same rounds (jnp.dot of "
+              f"{BATCH * LENGTH}x{4 * HIDDEN} by {4 * HIDDEN}x{HIDDEN})")
     print("bench_rnn: " + json.dumps(result, sort_keys=True))
 
 
