@@ -187,16 +187,20 @@ def torch_runner(data, cell: str):
     return step
 
 
+def product_flops() -> float:
+    """One of the step's large products: 2500 rows x 128 inputs x 512 gates, x 2."""
+    return 2 * BATCH * LENGTH * HIDDEN * 4 * HIDDEN
+
+
 def lstm_step_flops(lookup: bool = True) -> float:
     """Multiply-adds x 2 of the products in an LSTM training step (elementwise work
     aside): each layer's recurrence h @ W_h forward and dz @ W_h^T backward and its weight
     gradient; each layer's input projection, its input gradient and its weight gradient;
     the head forward and its two gradients. With `lookup` (lmjax), layer 0 looks its
     projections up in a 65-row table instead, whose three products are 65 rows long."""
-    rows, gates = BATCH * LENGTH, 4 * HIDDEN
-    product = 2 * rows * HIDDEN * gates
-    table = 2 * VOCAB * HIDDEN * gates
-    head = 2 * rows * HIDDEN * VOCAB
+    product = product_flops()
+    table = 2 * VOCAB * HIDDEN * 4 * HIDDEN
+    head = 2 * BATCH * LENGTH * HIDDEN * VOCAB
     projections = (LAYERS - 1) * 3 * product + 3 * (table if lookup else product)
     return LAYERS * 3 * product + projections + 3 * head
 
@@ -275,7 +279,7 @@ def main() -> None:
         r["vs_torch_range"] = [min(ratios), max(ratios)]
         print(f"{name:9} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10,.0f} "
               f"{r['vs_torch']:8.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x")
-    gemm_rate = 2 * BATCH * LENGTH * 4 * HIDDEN * HIDDEN / statistics.median(gemm_times) / 1e9
+    gemm_rate = product_flops() / statistics.median(gemm_times) / 1e9
     result["gemm_gflops"] = gemm_rate
     if args.cell == "lstm":  # each step's products per second, against the jnp.dot's
         for name, flops in [("lmjax", lstm_step_flops()), ("torch", lstm_step_flops(False))]:
