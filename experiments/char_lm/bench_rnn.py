@@ -187,9 +187,10 @@ def torch_runner(data, cell: str):
     return step
 
 
-def product_flops() -> float:
-    """One of the step's large products: 2500 rows x 128 inputs x 512 gates, x 2."""
-    return 2 * BATCH * LENGTH * HIDDEN * 4 * HIDDEN
+def product_flops(rows: int = BATCH * LENGTH) -> float:
+    """A product of `rows` rows x 128 inputs x 512 gates, x 2: one of the step's large
+    products at the default 2500 rows."""
+    return 2 * rows * HIDDEN * 4 * HIDDEN
 
 
 def lstm_step_flops(lookup: bool = True) -> float:
@@ -198,8 +199,7 @@ def lstm_step_flops(lookup: bool = True) -> float:
     gradient; each layer's input projection, its input gradient and its weight gradient;
     the head forward and its two gradients. With `lookup` (lmjax), layer 0 looks its
     projections up in a 65-row table instead, whose three products are 65 rows long."""
-    product = product_flops()
-    table = 2 * VOCAB * HIDDEN * 4 * HIDDEN
+    product, table = product_flops(), product_flops(VOCAB)
     head = 2 * BATCH * LENGTH * HIDDEN * VOCAB
     projections = (LAYERS - 1) * 3 * product + 3 * (table if lookup else product)
     return LAYERS * 3 * product + projections + 3 * head
