@@ -200,6 +200,7 @@ def train(
     weight_decay: float = _DEFAULT.weight_decay,
     grad_clip: float = _DEFAULT.grad_clip,
     microbatches: int = _DEFAULT.microbatches,
+    steps_per_call: int = _DEFAULT.steps_per_call,
     log_every: int = _DEFAULT.log_every,
     eval_every: int = _DEFAULT.eval_every,
     eval_batches: int = _DEFAULT.eval_batches,

@@ -156,7 +156,8 @@ TRAIN = trainer.TrainConfig(num_steps=6, batch_size=8, warmup_steps=1, optimizer
                             learning_rate=2e-3, beta2=0.95, grad_clip=5.0)
 
 
-def stream_losses(mesh, steps: int = 6):
+def stream_losses(mesh, steps: int = 6, per_call: int = 1):
+    """Losses of `steps` training steps, run `per_call` to a compiled call, and the state."""
     text = pipelines.load_lm_data("tiny_shakespeare")
     data = pipelines.LMData(text.tokenizer, text.train[:20000], text.eval)
     task = StreamLMTask(rnn.RNNLM(SMALL), data, SMALL.block_size, SMALL.zero_carry)
@@ -166,12 +167,17 @@ def stream_losses(mesh, steps: int = 6):
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = create_task_state(task, setup.tx, TRAIN.batch_size, 0, mesh, rules)
-        for _ in range(steps):
-            batch = trainer.to_global(next(batches), setup.batch_sharding)
-            state, metrics = setup.step_fn(state, batch)
+        for _ in range(steps // per_call):
+            if per_call == 1:
+                batch = trainer.to_global(next(batches), setup.batch_sharding)
+                state, metrics = setup.step_fn(state, batch)
+            else:
+                batch = trainer.stack_batches([next(batches) for _ in range(per_call)])
+                state, metrics = setup.steps_fn(state, trainer.to_global(
+                    batch, trainer.stacked_sharding(setup.batch_sharding)))
             losses.append(metrics["loss"])
     setup.checkpoints.close()
-    return np.asarray(jax.device_get(losses)), state
+    return np.concatenate([np.reshape(x, -1) for x in jax.device_get(losses)]), state
 
 
 def test_lstm_sharded_equals_one_device():
@@ -179,6 +185,8 @@ def test_lstm_sharded_equals_one_device():
     sharded, state = stream_losses(make_mesh(4, 1, 2))
     assert np.all(np.isfinite(one)) and one[-1] < one[0]
     np.testing.assert_allclose(sharded, one, rtol=1e-5)
+    scanned, _ = stream_losses(make_mesh(4, 1, 2), per_call=3)  # Setup.steps_fn, sharded
+    np.testing.assert_allclose(scanned, sharded, rtol=1e-6)
     kernel = state.params["layer0"]["w_h"]
     assert kernel.sharding.spec[2] == "tensor"  # hidden units split over the tensor axis
     assert state.carry["layer0"][0].sharding.spec[0] == ("data", "fsdp")
@@ -218,6 +226,25 @@ def test_resumed_char_lstm_equals_uninterrupted(tmp_path):
     saved.close()
     h, c = state["state"]["carry"]["layer1"]
     assert h.shape == (8, 32) and np.abs(h).max() > 0.01 and np.abs(c).max() > 0.01
+
+
+def test_steps_per_call_equals_one_step_per_call(tmp_path):
+    """Up to three steps per compiled call (cut short at the log, eval and checkpoint
+    steps) train as one per call: the carried state, dropout keys and data order go on."""
+    runs = {}
+    for k in (1, 3):
+        workdir = tmp_path / f"k{k}"
+        result = run_cli(*char_lstm_args(workdir, 12, "train.log_every=4",
+                                         f"train.steps_per_call={k}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[k] = workdir
+    want, got = _records(runs[1], "train"), _records(runs[3], "train")
+    assert [r["step"] for r in got] == [4, 8, 12]
+    for a, b in zip(got, want, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) \
+            <= 1e-6, (a, b)
+    assert abs(_records(runs[3], "eval")[-1]["loss"] - _records(runs[1], "eval")[-1]["loss"]) \
+        <= 1e-6
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from conftest import train_losses
 
 from lmjax.models import GPTConfig
@@ -77,3 +78,15 @@ def test_checkpoint_without_carry_entry_restores(tmp_path):
     assert meta == {"note": "no carry"} and restored.carry is None
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_loss_inside_a_call_names_its_step():
+    """A call's metrics are stacked over its steps: the error names the step itself."""
+    ok = np.ones(3, np.float32)
+    pending = [(1, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0)}),
+               (2, {"loss": np.array([2.0, np.nan, 2.0], np.float32), "grad_norm": ok})]
+    with pytest.raises(trainer.NonFiniteLossError, match="at step 3;"):
+        trainer._check_finite(pending)
+    pending[1][1]["loss"][1] = 1.5
+    steps = trainer._check_finite(pending)
+    assert [float(m["loss"]) for m in steps] == [2.0, 2.0, 1.5, 2.0]

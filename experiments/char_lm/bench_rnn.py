@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,19 +49,23 @@ from lmjax.train import trainer
 from lmjax.train.state import create_task_state
 from lmjax.train.tasks import StreamLMTask
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
 LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 
 
-def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True):
-    """A function running one training step of lmjax's own trainer, and its loss; without
-    `kernel` the step is compiled with the XLA scan instead of the LSTM CPU kernel.
-    `scratch` is an empty directory for the (never written) checkpoints."""
+def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True,
+                 steps_per_call: int = 1):
+    """A function running `steps_per_call` training steps of lmjax's own trainer in one
+    call (its `step_fn`, or `steps_fn` over stacked batches as the training loop runs them
+    with train.steps_per_call), and the last loss; without `kernel` the step is compiled
+    with the XLA scan instead of the LSTM CPU kernel. `scratch` is an empty directory for
+    the (never written) checkpoints."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
                            num_layers=LAYERS, block_size=LENGTH, unroll=unroll)
     train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
                                 learning_rate=LR, min_lr=LR, warmup_steps=0, beta2=DECAY,
-                                grad_clip=CLIP)
+                                grad_clip=CLIP, steps_per_call=steps_per_call)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = RULES.get("fsdp_tensor")
     task = StreamLMTask(rnn.RNNLM(config), data, LENGTH, config.zero_carry)
@@ -71,10 +76,14 @@ def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True
         box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
 
     def step():
-        batch = trainer.to_global(next(batches), setup.batch_sharding)
+        if steps_per_call == 1:
+            batch, run = trainer.to_global(next(batches), setup.batch_sharding), setup.step_fn
+        else:
+            batch = trainer.stack_batches([next(batches) for _ in range(steps_per_call)])
+            run = setup.steps_fn
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            box["state"], metrics = setup.step_fn(box["state"], batch)
-        return float(jax.block_until_ready(metrics["loss"]))
+            box["state"], metrics = run(box["state"], batch)
+        return float(jax.block_until_ready(metrics["loss"]).reshape(-1)[-1])
 
     if not kernel:  # the step compiles at its first call: trace it with the kernel off
         first = step
@@ -215,13 +224,26 @@ def gemm_runner():
     return lambda: jax.block_until_ready(dot(a, b))
 
 
-def time_steps(step, steps: int) -> float:
-    """Median seconds per step over `steps` steps (each waits for its result)."""
+def config_steps_per_call(cell: str) -> int:
+    """train.steps_per_call of configs/experiments/char_{cell}.gin: how the training loop
+    runs the steps timed in the `lmjax` row."""
+    from lmjax import entry  # noqa: F401  (registers the configurables)
+
+    gin.add_config_file_search_path(REPO)
+    gin.parse_config_file(os.path.join(REPO, "configs", "experiments", f"char_{cell}.gin"))
+    value = gin.query_parameter("train.steps_per_call")
+    gin.clear_config()
+    return value
+
+
+def time_steps(step, steps: int, per_call: int = 1) -> float:
+    """Median seconds per step over about `steps` steps, run `per_call` to a call (each
+    call waits for its result; at least 3 calls)."""
     times = []
-    for _ in range(steps):
+    for _ in range(max(3, round(steps / per_call))):
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / per_call)
     return statistics.median(times)
 
 
@@ -239,7 +261,10 @@ def main() -> None:
     # directory for stale temporaries in a background thread that close() does not await.
     scratch = tempfile.mkdtemp(prefix="lmjax-bench-rnn-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/kernel"),
+    per_call = {"lmjax": config_steps_per_call(args.cell), "lmjax-1": 1}
+    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/kernel",
+                                     steps_per_call=per_call["lmjax"]),
+               "lmjax-1": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/one"),
                "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/xla",
                                          kernel=False),
                "flax": flax_runner(data, args.cell)}
@@ -261,7 +286,7 @@ def main() -> None:
     gemm_times = []
     for _ in range(args.rounds):  # interleaved, so load on a shared machine hits all alike
         for name, run in runners.items():
-            medians[name].append(time_steps(run, args.steps))
+            medians[name].append(time_steps(run, args.steps, per_call.get(name, 1)))
         gemm_times.append(time_steps(gemm, 4 * args.steps))
     print(f"char-rnn step: {LAYERS} x {HIDDEN} {args.cell.upper()}, batch {BATCH} x {LENGTH}, "
           f"vocab {VOCAB}, RMSprop, clip {CLIP}; {jax.devices()[0].platform}, torch threads "

@@ -8,7 +8,8 @@ creates points into a temporary directory that is removed afterwards.
 Definitions (what the printed figures mean):
 
 * Step time is measured per step with `jax.block_until_ready` on the step's outputs, so
-  it is device time plus dispatch; drawing the batch happens before the clock starts (in
+  it is device time plus dispatch (one step per call: `train.steps_per_call` is not
+  applied); drawing the batch happens before the clock starts (in
   one process the batch's transfer is part of the step's dispatch: see `to_global`).
   Throughput (steps/s, tokens/s) uses the *median* step time, which is robust to the
   occasional hiccup on a shared machine; the mean is reported too.

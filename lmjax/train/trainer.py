@@ -7,8 +7,9 @@ import os
 import time
 
 import jax
+import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from lmjax.data.pipelines import LMData
@@ -39,6 +40,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     microbatches: int = 1
+    # Optimiser steps per compiled call: a lax.scan over that many batches pays the
+    # call's fixed host cost (dispatch, placing the batch, the wait) once for all of them.
+    steps_per_call: int = 1
     log_every: int = 10
     eval_every: int = 250
     eval_batches: int = 200
@@ -49,8 +53,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # a name in optim.OPTIMIZERS
 
     def validate(self, parallelism: int) -> None:
-        positive = ("num_steps", "batch_size", "microbatches", "log_every", "eval_every",
-                    "checkpoint_every", "eval_batches")
+        positive = ("num_steps", "batch_size", "microbatches", "steps_per_call", "log_every",
+                    "eval_every", "checkpoint_every", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -73,7 +77,8 @@ class Setup:
     model: nn.Module
     tx: object
     abstract: TrainState  # ShapeDtypeStructs with shardings
-    step_fn: object
+    step_fn: object  # (state, batch) -> (state, metrics)
+    steps_fn: object  # (state, batches stacked on a leading axis) -> (state, metrics stacked)
     eval_fn: object
     batch_sharding: NamedSharding
     checkpoints: Checkpointer
@@ -102,11 +107,14 @@ def build(model_config: GPTConfig, config: TrainConfig, mesh: Mesh, rules, workd
                              num_micro=config.microbatches)
     step_fn = jax.jit(step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=0)
+    steps_fn = jax.jit(functools.partial(jax.lax.scan, step),
+                       in_shardings=(shardings, stacked_sharding(data_sharding)),
+                       out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(task_eval_step, task=task),
                       in_shardings=(shardings.params, data_sharding, data_sharding))
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                read_only=read_only)
-    return Setup(task.model, tx, as_abstract(abstract, shardings), step_fn, eval_fn,
+    return Setup(task.model, tx, as_abstract(abstract, shardings), step_fn, steps_fn, eval_fn,
                  data_sharding, checkpoints, task)
 
 
@@ -119,6 +127,16 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
     if jax.process_count() == 1:
         return batch
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
+    """`sharding` of batches for arrays with a leading axis of steps before the rows."""
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+
+
+def stack_batches(batches: list[dict]) -> dict:
+    """Consecutive batches -> one with a leading axis of steps (`Setup.steps_fn`'s input)."""
+    return jax.tree.map(lambda *rows: np.stack(rows), *batches)
 
 
 def evaluate_metrics(setup: Setup, params, batches: list[dict], batch_size: int) -> dict:
@@ -151,9 +169,16 @@ def eval_set(task: Task, config: TrainConfig) -> list[dict]:
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
-    """Fetches the pending steps' metrics in one transfer and stops at the first NaN/Inf."""
+    """Fetches the pending calls' metrics in one transfer and stops at the first NaN/Inf.
+    pending: (first step, its metrics: scalars, or stacked over the call's steps) per call.
+    Returns the metrics of each step."""
     fetched = jax.device_get([metrics for _, metrics in pending])
-    for (step, _), metrics in zip(pending, fetched, strict=True):
+    steps = []  # every metric is one scalar per step: a call's are (steps,) arrays
+    for (first, _), metrics in zip(pending, fetched, strict=True):
+        flat = {k: np.reshape(v, -1) for k, v in metrics.items()}
+        steps += [(first + i, {k: v[i] for k, v in flat.items()})
+                  for i in range(flat["loss"].size)]
+    for step, metrics in steps:
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise NonFiniteLossError(
@@ -161,7 +186,7 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
                 "and the last good checkpoint is kept. Lower train.learning_rate or check "
                 "the data."
             )
-    return fetched
+    return [metrics for _, metrics in steps]
 
 
 def _restore_or_init(setup: Setup, config: TrainConfig, mesh, rules, data_iter):
@@ -232,17 +257,21 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
     bar = tqdm(total=config.num_steps, initial=start, desc="train", unit="step",
                disable=jax.process_index() != 0)
     run_start = time.perf_counter()
-    for step in range(start + 1, config.num_steps + 1):
-        state, metrics = setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
+    step = start
+    while step < config.num_steps:
+        count = _call_steps(step, config)
+        state, metrics = _advance(setup, state, data_iter, count)
         if pending:
-            # At most two steps in flight. With two CPU devices, queueing ~300 steps
+            # At most two calls in flight. With two CPU devices, queueing ~300 steps
             # deadlocked in XLA's all-reduce rendezvous (one device's part never arrived,
-            # async dispatch on or off); one queued step still keeps the devices busy.
+            # async dispatch on or off); one queued call still keeps the devices busy.
             jax.block_until_ready(pending[-1][1]["loss"])
-        pending.append((step, metrics))
+        pending.append((step + 1, metrics))
+        step += count
         final = step == config.num_steps
         if step % config.log_every == 0 or final:
-            record = _log_train(pending, last, items_per_step, writer, setup.task.throughput_key)
+            record = _log_train(pending, step, last, items_per_step, writer,
+                                setup.task.throughput_key)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             pending = []
         eval_loss = None
@@ -255,7 +284,7 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
             eval_loss = eval_metrics["loss"]
         if do_save:
             setup.checkpoints.save(step, state, data_iter, meta, eval_loss)
-        bar.update(1)
+        bar.update(count)
     bar.close()
     elapsed = time.perf_counter() - run_start
     summary = {
@@ -285,9 +314,28 @@ def _format_extra(metrics: dict) -> str:
     return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
 
 
-def _log_train(pending, last, items_per_step, writer, throughput_key="tokens_per_sec") -> dict:
+def _call_steps(step: int, config: TrainConfig) -> int:
+    """How many steps the call after `step` runs: steps_per_call, cut short at the next
+    log, eval or checkpoint step and at the end, so that each still comes on its step.
+    (Each new count compiles once: keep those intervals multiples of steps_per_call.)"""
+    count = min(config.steps_per_call, config.num_steps - step)
+    for every in (config.log_every, config.eval_every, config.checkpoint_every):
+        count = min(count, every - step % every)
+    return count
+
+
+def _advance(setup: Setup, state, data_iter, count: int):
+    """`count` optimiser steps on the next `count` batches in one compiled call:
+    (state, metrics), the metrics stacked over the steps when count > 1."""
+    if count == 1:
+        return setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
+    batches = stack_batches([next(data_iter) for _ in range(count)])
+    return setup.steps_fn(state, to_global(batches, stacked_sharding(setup.batch_sharding)))
+
+
+def _log_train(pending, step, last, items_per_step, writer,
+               throughput_key="tokens_per_sec") -> dict:
     metrics = _check_finite(pending)[-1]  # one fetch for the interval; waits for its last step
-    step = pending[-1][0]
     now = time.perf_counter()
     items_per_sec = (step - last["step"]) * items_per_step / (now - last["time"])
     last.update(time=now, step=step)
