@@ -6,8 +6,12 @@
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
   the recurrence, the weight-gradient sums and the head's softmax cross-entropy in the
-  compiled CPU kernels of lmjax/models/rnn_cpu.cc);
-* lmjax-xla: the same step with the recurrence as lmjax's XLA scan (the kernel off);
+  compiled CPU kernels of lmjax/models/rnn_cpu.cc), run as the training loop runs it:
+  `train.steps_per_call` of the config (25) steps per compiled call, each call's time
+  divided by its steps;
+* lmjax-1: the same step, one per call (what the loop does with steps_per_call = 1);
+* lmjax-xla: the same, one per call, with the recurrence as lmjax's XLA scan (the kernel
+  off);
 * flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))` (`nn.GRUCell` for the GRU),
   same sizes and optimiser;
 * torch: `nn.LSTM(128, 128, num_layers=2)` or `nn.GRU` (skipped with a message if torch
