@@ -168,13 +168,7 @@ def stream_losses(mesh, steps: int = 6, per_call: int = 1):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = create_task_state(task, setup.tx, TRAIN.batch_size, 0, mesh, rules)
         for _ in range(steps // per_call):
-            if per_call == 1:
-                batch = trainer.to_global(next(batches), setup.batch_sharding)
-                state, metrics = setup.step_fn(state, batch)
-            else:
-                batch = trainer.stack_batches([next(batches) for _ in range(per_call)])
-                state, metrics = setup.steps_fn(state, trainer.to_global(
-                    batch, trainer.stacked_sharding(setup.batch_sharding)))
+            state, metrics = trainer.advance(setup, state, batches, per_call)
             losses.append(metrics["loss"])
     setup.checkpoints.close()
     return np.concatenate([np.reshape(x, -1) for x in jax.device_get(losses)]), state

@@ -61,8 +61,8 @@ LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True,
                  steps_per_call: int = 1):
     """A function running `steps_per_call` training steps of lmjax's own trainer in one
-    call (its `step_fn`, or `steps_fn` over stacked batches as the training loop runs them
-    with train.steps_per_call), and the last loss; without `kernel` the step is compiled
+    call (`trainer.advance`, as the training loop runs them with train.steps_per_call),
+    and the last loss; without `kernel` the step is compiled
     with the XLA scan instead of the LSTM CPU kernel. `scratch` is an empty directory for
     the (never written) checkpoints."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
@@ -80,13 +80,8 @@ def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True
         box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
 
     def step():
-        if steps_per_call == 1:
-            batch, run = trainer.to_global(next(batches), setup.batch_sharding), setup.step_fn
-        else:
-            batch = trainer.stack_batches([next(batches) for _ in range(steps_per_call)])
-            run = setup.steps_fn
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            box["state"], metrics = run(box["state"], batch)
+            box["state"], metrics = trainer.advance(setup, box["state"], batches, steps_per_call)
         return float(jax.block_until_ready(metrics["loss"]).reshape(-1)[-1])
 
     if not kernel:  # the step compiles at its first call: trace it with the kernel off

@@ -260,7 +260,7 @@ def _loop(setup, state, meta, start, config, data_iter, evals, writer) -> dict:
     step = start
     while step < config.num_steps:
         count = _call_steps(step, config)
-        state, metrics = _advance(setup, state, data_iter, count)
+        state, metrics = advance(setup, state, data_iter, count)
         if pending:
             # At most two calls in flight. With two CPU devices, queueing ~300 steps
             # deadlocked in XLA's all-reduce rendezvous (one device's part never arrived,
@@ -324,9 +324,10 @@ def _call_steps(step: int, config: TrainConfig) -> int:
     return count
 
 
-def _advance(setup: Setup, state, data_iter, count: int):
-    """`count` optimiser steps on the next `count` batches in one compiled call:
-    (state, metrics), the metrics stacked over the steps when count > 1."""
+def advance(setup: Setup, state, data_iter, count: int):
+    """`count` optimiser steps on the next `count` batches of `data_iter` in one compiled
+    call (`step_fn`, or `steps_fn` over them stacked): (state, metrics), the metrics
+    stacked over the steps when count > 1."""
     if count == 1:
         return setup.step_fn(state, to_global(next(data_iter), setup.batch_sharding))
     batches = stack_batches([next(data_iter) for _ in range(count)])
