@@ -157,6 +157,27 @@ def test_gradient_sums_equal_numpy(shape):
         assert table is None
 
 
+@pytest.mark.parametrize("shape", [
+    (50, 50, 128, 512),  # char-rnn's projection: ten 256-row chunks, whole panels
+    (50, 50, 512, 128),  # and its input gradient: k over four panel rows of 128
+    (7, 3, 200, 90),  # 21 rows, one chunk; k past a panel; a 16-column and a 10-column tail
+    (30, 9, 5, 7),  # 270 rows over two chunks; no whole panel
+], ids=str)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_equals_numpy(shape, transposed):
+    """The kernel's product, with B given as it is or as its transpose, equals float64
+    NumPy within the bound on float32 summation of k terms."""
+    time, batch, k, n = shape
+    rng = np.random.default_rng(k + n)
+    a = rng.normal(size=(time, batch, k)).astype(np.float32)
+    b = rng.normal(size=(k, n)).astype(np.float32)
+    got = jax.jit(lambda a, b: rnn_cpu.matmul(a, b, transposed))(a, b.T if transposed else b)
+    assert got.shape == (time, batch, n)
+    want = a.astype(np.float64) @ b
+    bound = (k + 1) * 2.0 ** -24 * (np.abs(a).astype(np.float64) @ np.abs(b))
+    np.testing.assert_array_less(np.abs(got - want), bound)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_lm_gradients_equal_xla(cell):
     """The whole LM's loss and gradients with the kernels (kernel_lstm, the projection and

@@ -3,8 +3,8 @@
 Speed on small CPUs comes from the layout, not from the cells' arithmetic:
 
 * the input projections of all timesteps are one matrix product outside the time loop
-  (`(batch, time, in) @ (in, gates, hidden)`), so the loop only does the recurrent
-  product `h @ W_h`;
+  (`(batch, time, in) @ (in, gates, hidden)`, on the CPU in float32 the kernel's
+  `rnn_cpu.matmul`), so the loop only does the recurrent product `h @ W_h`;
 * the gates are fused: one `(hidden, gates, hidden)` kernel gives every gate at once;
 * the loop is `jax.lax.scan` (`unroll` is configurable; on the 2-core CPU 1 was fastest);
 * the LSTM has its own forward and backward passes (`lstm_scan`): XLA's CPU backend runs
@@ -134,18 +134,19 @@ def _flat_matmul(xs, w):
 
 @jax.custom_vjp
 def _product(xs, w):
-    """`_flat_matmul` whose weight gradient comes from rnn_cpu.gradient_sums (XLA's CPU
-    backend runs the x^T dy of its own gradient at two thirds of a plain product's speed)."""
-    return _flat_matmul(xs, w)
+    """`_flat_matmul` in the CPU kernels (rnn_cpu.matmul), whose weight gradient comes
+    from rnn_cpu.gradient_sums (XLA's CPU backend runs the x^T dy of its own gradient at
+    two thirds of a plain product's speed)."""
+    return rnn_cpu.matmul(xs, w)
 
 
 def _product_fwd(xs, w):
-    return _flat_matmul(xs, w), (xs, w)
+    return rnn_cpu.matmul(xs, w), (xs, w)
 
 
 def _product_bwd(residuals, d_out):
     xs, w = residuals
-    return _flat_matmul(d_out, w.T), rnn_cpu.gradient_sums(d_out, [xs])[0][0]
+    return rnn_cpu.matmul(d_out, w, transposed=True), rnn_cpu.gradient_sums(d_out, [xs])[0][0]
 
 
 _product.defvjp(_product_fwd, _product_bwd)
@@ -405,7 +406,7 @@ def _kernel_lstm_fwd(reverse, w_h, b_h, x, w_i, carry, resets, mask, save=True):
     if jnp.issubdtype(x.dtype, jnp.integer):  # looked up in the kernel
         outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, w_i, carry, resets, mask, save, x)
     else:
-        gates_x = _flat_matmul(x, w_i.reshape(w_i.shape[0], -1)).reshape(*x.shape[:2], 4, -1)
+        gates_x = rnn_cpu.matmul(x, w_i.reshape(w_i.shape[0], -1)).reshape(*x.shape[:2], 4, -1)
         outs, residuals = _lstm_fwd(reverse, 1, w_h, b_h, gates_x, carry, resets, mask, save)
     return outs, (residuals, x, w_i)
 
@@ -420,7 +421,7 @@ def _kernel_lstm_bwd(reverse, residuals, cotangents):
         d_x = None
     else:
         (d_w_i, d_w_h), d_b, _ = rnn_cpu.gradient_sums(dzs, [x, h0s])
-        d_x = _flat_matmul(dzs, w_i.reshape(w_i.shape[0], -1).T)
+        d_x = rnn_cpu.matmul(dzs, w_i.reshape(w_i.shape[0], -1), transposed=True)
     return (d_w_h.reshape(hidden, 4, hidden), d_b.reshape(4, hidden), d_x,
             d_w_i.reshape(w_i.shape), d_carry, None, None)
 
