@@ -200,12 +200,12 @@ void gemm_acc(int m, const Panels& b, const float* a, int lda, float* c, int ldc
     }
 }
 
+constexpr int kSpinMicros = 100;  // how long parallel_rows' caller spins before it sleeps
+
 // How many parts `rows` rows go in: one per thread, of at least `min_rows` rows. For the
 // recurrences (batch rows, at least 4 each): each step a part streams all of W_h's panels
 // through L1 once, so one part of 25 rows on each of two threads (row blocks of 5) ran
 // the char-rnn step faster than two parts of 12-13 each in turn (blocks of 4-5).
-constexpr int kSpinMicros = 100;  // how long parallel_rows' caller spins before it sleeps
-
 int num_parts(int rows, int threads, int min_rows) {
   return std::max(1, std::min(std::max(1, threads), rows / min_rows));
 }
@@ -239,8 +239,7 @@ void parallel_rows(ffi::ThreadPool& pool, int rows, F fn, int min_rows = 4) {
   for (int p = 0; p < helpers; ++p) pool.Schedule(decltype(work)(work));
   work();
   // Spin briefly before sleeping: the parts are even, so the others are usually about to
-  // finish, and waking a sleeping thread costs more (paired A/B in the char-rnn step:
-  // 1.4% faster).
+  // finish, and waking a sleeping thread costs more (the char-rnn step ran faster).
   const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
   while (shared->done.load() != parts && std::chrono::steady_clock::now() < until) _mm_pause();
   if (shared->done.load() == parts) return;
