@@ -13,7 +13,7 @@ import jax
 
 from lmjax.data import bert_data
 from lmjax.data.pipelines import ClassificationData, LMData, load_classification_data, load_lm_data
-from lmjax.models import BertConfig, BiLSTMConfig, CBoWConfig, GPTConfig, RNNConfig, build_model
+from lmjax.models import BertConfig, BiLSTMConfig, CBoWConfig, GPTConfig, RNNConfig
 from lmjax.parallel import RULES, make_mesh
 from lmjax.ps.config import PSConfig
 from lmjax.registry import Registry
@@ -90,7 +90,7 @@ TASKS: Registry = Registry("task")
 def _lm_task(model, workdir: str):
     data = dataset(workdir=workdir)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
-    return model, data, tasks.LMTask(build_model(model), data, model.block_size)
+    return model, data, tasks.LMTask(model.module(), data, model.block_size)
 
 
 @TASKS.register("lm_stream")
@@ -98,7 +98,7 @@ def _stream_task(model, workdir: str):
     """Truncated BPTT over contiguous streams; `model` must define `zero_carry(batch)`."""
     data = dataset(workdir=workdir)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
-    return model, data, tasks.StreamLMTask(build_model(model), data, model.block_size,
+    return model, data, tasks.StreamLMTask(model.module(), data, model.block_size,
                                            model.zero_carry)
 
 
@@ -107,7 +107,7 @@ def _classify_task(model, workdir: str):
     data = classify_dataset(workdir=workdir)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
                                 num_classes=data.num_classes)
-    return model, data, tasks.ClassifyTask(build_model(model), data)
+    return model, data, tasks.ClassifyTask(model.module(), data)
 
 
 @gin.configurable

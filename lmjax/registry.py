@@ -12,15 +12,24 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._listeners: list[Callable[[str, T], None]] = []
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            for listener in self._listeners:
+                listener(name, obj)
             return obj
 
         return add
+
+    def subscribe(self, listener: Callable[[str, T], None]) -> None:
+        """Calls `listener(name, obj)` for every item, now and as more are registered."""
+        self._listeners.append(listener)
+        for name, obj in list(self._items.items()):
+            listener(name, obj)
 
     def get(self, name: str) -> T:
         if name not in self._items:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lmjax.models import layers
+from lmjax.models.registry import MODELS
 
 # name -> (layers, hidden); heads = hidden / 64 as in Turc et al.
 SIZES = {
@@ -25,6 +26,7 @@ SIZES = {
 }
 
 
+@MODELS.register("BertConfig")
 @dataclasses.dataclass(frozen=True)
 class BertConfig(layers.DerivedSizes):
     """BERT hyperparameters. `size` picks a preset; explicit layer/width/head counts win."""
@@ -44,6 +46,9 @@ class BertConfig(layers.DerivedSizes):
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"  # compute dtype; parameters stay float32
     vocab_multiple: int = 64  # padded vocabulary, as in GPTConfig
+
+    def module(self) -> nn.Module:
+        return BertClassifier(self)
 
     def __post_init__(self):
         if self.size not in SIZES:

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lmjax.models import layers
+from lmjax.models.registry import MODELS
 
 
+@MODELS.register("CBoWConfig")
 @dataclasses.dataclass(frozen=True)
 class CBoWConfig:
     """Mean of learned word embeddings -> MLP -> classes (the GLUE paper's CBoW baseline)."""
@@ -18,6 +20,9 @@ class CBoWConfig:
     embed_dim: int = 300
     hidden_dim: int = 512  # 0: a linear head
     dropout: float = 0.1
+
+    def module(self) -> nn.Module:
+        return CBoW(self)
 
 
 def mlp_head(x: jax.Array, hidden_dim: int, num_classes: int, dropout: float,

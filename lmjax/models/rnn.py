@@ -43,6 +43,7 @@ from flax import linen as nn
 
 from lmjax.models import layers, rnn_cpu
 from lmjax.models.classifiers import mlp_head
+from lmjax.models.registry import MODELS
 
 Array = jax.Array
 
@@ -534,6 +535,7 @@ def _shifted(uniform, std):
     return init
 
 
+@MODELS.register("RNNConfig")
 @dataclasses.dataclass(frozen=True)
 class RNNConfig:
     """A character/word LM: embedding -> stacked recurrent layers -> vocabulary logits.
@@ -551,6 +553,9 @@ class RNNConfig:
     block_size: int = 50  # truncated-BPTT length: tokens per row per batch
     unroll: int = 1  # scan unroll (speed only; on the 2-core CPU 1 was fastest)
     forget_bias: float = 1.0
+
+    def module(self) -> nn.Module:
+        return RNNLM(self)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -656,6 +661,7 @@ class BiLayer(nn.Module):
         return jnp.concatenate([fwd, bwd], axis=-1)
 
 
+@MODELS.register("BiLSTMConfig")
 @dataclasses.dataclass(frozen=True)
 class BiLSTMConfig:
     """BiLSTM with max pooling over time and an MLP head (the GLUE baseline's encoder)."""
@@ -670,6 +676,9 @@ class BiLSTMConfig:
     dropout: float = 0.3
     unroll: int = 1
     forget_bias: float = 1.0
+
+    def module(self) -> nn.Module:
+        return BiLSTMClassifier(self)
 
 
 class BiLSTMClassifier(nn.Module):

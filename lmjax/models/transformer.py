@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lmjax.models import layers
+from lmjax.models.registry import MODELS
 
 
+@MODELS.register("GPTConfig")
 @dataclasses.dataclass(frozen=True)
 class GPTConfig(layers.DerivedSizes):
     """Hyperparameters of the GPT family; defaults are nanoGPT's shakespeare_char GPU config."""
@@ -30,6 +32,9 @@ class GPTConfig(layers.DerivedSizes):
     # The embedding is padded to a multiple of this (nanoGPT pads 50257 -> 50304) so
     # the vocabulary divides any tensor-parallel degree; padded logits are masked out.
     vocab_multiple: int = 64
+
+    def module(self) -> nn.Module:
+        return GPT(self)
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
