@@ -1,14 +1,12 @@
 """Command line: `python -m lmjax.main COMMAND --workdir=DIR --gin_file=F ...`.
 
-Thin by design: parse flags and gin, then call library functions.
+Thin by design: parse flags and gin, then call the command's function in
+lmjax/commands.py, which imports only what that command needs.
 """
 
 import argparse
-import functools
 import os
 import sys
-
-import gin
 
 EXIT_BAD_CONFIG = 2
 COMMANDS = """commands:
@@ -56,74 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_gin(files: list[str], params: list[str]) -> None:
-    """Parses gin; a bad file or an unknown binding exits with code 2 naming it."""
-    from lmjax import entry  # noqa: F401  (registers the configurables)
-
-    for path in files:
-        if not os.path.exists(path):
-            _fail(f"gin file {path!r} does not exist")
-    try:
-        gin.parse_config_files_and_bindings(files, params, finalize_config=True)
-    except (ValueError, KeyError, SyntaxError, ImportError) as err:
-        _fail(f"bad gin config: {err}")
-
-
 def _fail(message: str) -> None:
     print(f"lmjax: error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_CONFIG)
 
 
-def _write_config(workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.gin.tmp")
-    with open(tmp, "w") as f:
-        f.write(gin.config_str())
-    os.replace(tmp, os.path.join(workdir, "config.gin"))
-
-
 def run(argv: list[str] | None = None) -> object:
+    """Parses flags and gin, then runs the command's function (lmjax/commands.py)."""
     args = _parser().parse_args(argv)
     files = args.gin_file
     if not files and args.command not in ("train", "ps"):
         files = [os.path.join(args.workdir, "config.gin")]
     if not files:
         _fail(f"{args.command} needs at least one --gin_file (see configs/)")
-    _parse_gin(files, args.gin_param)
-    from lmjax import entry
+    from lmjax import commands, configs
 
-    if args.command == "ps":
-        return entry.ps(args.workdir, on_ready=functools.partial(_write_config, args.workdir))
-    from lmjax.serve.sample import sample_best
-    from lmjax.serve.server import serve_best
-    from lmjax.train import bench, trainer
-
-    runners = {
-        "train": trainer.train,
-        "eval": trainer.evaluate_best,
-        "sample": functools.partial(
-            sample_best, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, seed=args.seed),
-        "bench": functools.partial(bench.benchmark, steps=args.bench_steps),
-        "serve": functools.partial(
-            serve_best, host=args.host, port=args.port, api_key=args.api_key,
-            slots=args.slots, max_batch=args.max_batch, scheduler=args.scheduler,
-            max_jobs=args.max_queue, quantize=args.quantize),
-    }
-    on_ready = functools.partial(_write_config, args.workdir) if args.command == "train" else None
-    return entry.train(args.workdir, on_ready=on_ready, runner=runners[args.command])
+    try:
+        configs.parse(files, args.gin_param)
+    except ValueError as err:
+        _fail(str(err))
+    return commands.COMMANDS[args.command](args)
 
 
 def main() -> None:
-    from lmjax.data.builders import MissingDataError
-    from lmjax.ps.launch import LaunchError
-    from lmjax.train.checkpoint import IncompatibleCheckpointError
-    from lmjax.train.trainer import NonFiniteLossError
+    from lmjax.errors import RunError
 
     try:
         run()
-    except (IncompatibleCheckpointError, NonFiniteLossError, MissingDataError, ValueError,
-            KeyError, FileNotFoundError, LaunchError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RunError) as err:
         print(f"lmjax: error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,6 +1,9 @@
 """Test setup: 8 emulated CPU devices, offline data and a per-session tfds directory.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
+Float32 matmuls run at full precision (`JAX_DEFAULT_MATMUL_PRECISION=highest`, also in
+the CLI subprocesses the tests start): the numerical tests compare against float32
+references, and GPUs would otherwise use TF32 (on the CPU this changes nothing).
 """
 
 import os
@@ -11,6 +14,7 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import pytest  # noqa: E402
 
@@ -57,28 +61,36 @@ def tiny_args(workdir, *params: str) -> list[str]:
     return args + [f"--gin_param={p}" for p in params]
 
 
-def train_losses(mesh, model_config, train_config, steps: int, rules_name="fsdp_tensor",
-                 workdir="/tmp/lmjax-test-unused"):
-    """Train losses of `steps` steps from the same init and batches, on `mesh`; and the state."""
+def run_steps(task, mesh, train_config, steps: int, rules_name="fsdp_tensor", seed: int = 0):
+    """`steps` training steps of `task` on `mesh` from the seed's init and batches:
+    (metrics of each step as floats, final state)."""
     import jax
-    import numpy as np
     from flax import linen as nn
 
-    from lmjax.data.pipelines import load_lm_data, train_iterator
     from lmjax.parallel import RULES
+    from lmjax.parallel.mesh import to_global
     from lmjax.train import trainer
     from lmjax.train.state import create_state
 
-    data = load_lm_data("tiny_shakespeare")
     rules = RULES.get(rules_name)
-    setup = trainer.build(model_config, train_config, mesh, rules, workdir)
-    batches = train_iterator(data.train, model_config.block_size, train_config.batch_size, 0)
-    losses = []
+    setup = trainer.build(task, train_config, mesh, rules)
+    batches = task.train_iterator(train_config.batch_size, seed)
+    out = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = create_state(setup.model, setup.tx, model_config.block_size, 0, mesh, rules)
+        state = create_state(task, setup.tx, train_config.batch_size, seed, mesh, rules)
         for _ in range(steps):
-            state, metrics = setup.step_fn(state, trainer.to_global(next(batches),
-                                                                    setup.batch_sharding))
-            losses.append(metrics["loss"])
-    setup.checkpoints.close()
-    return np.asarray(jax.device_get(losses)), state
+            state, metrics = setup.step_fn(state, to_global(next(batches), setup.batch_sharding))
+            out.append(metrics)
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(out)], state
+
+
+def train_losses(mesh, model_config, train_config, steps: int, rules_name="fsdp_tensor"):
+    """Train losses of the GPT LM of `model_config` on Tiny Shakespeare; and the state."""
+    import numpy as np
+
+    from lmjax.data.pipelines import load_lm_data
+    from lmjax.train.tasks import LMTask
+
+    task = LMTask(model_config, load_lm_data("tiny_shakespeare"))
+    metrics, state = run_steps(task, mesh, train_config, steps, rules_name)
+    return np.asarray([m["loss"] for m in metrics], np.float32), state

@@ -14,8 +14,9 @@ from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from lmjax.models import GPTConfig
 from lmjax.models.bert import BertClassifier, BertConfig
 from lmjax.parallel import make_mesh
-from lmjax.train import bert_tasks, trainer
+from lmjax.train import bert_tasks
 from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from lmjax.train.config import TrainConfig
 
 PRETRAIN = "--gin_file=configs/experiments/bert_tiny_e2e.gin"
 FINETUNE = "--gin_file=configs/experiments/sst2_bert_tiny_e2e.gin"
@@ -74,7 +75,7 @@ def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrai
                         num_heads=2)
     task = bert_tasks.BertFinetuneTask(config, data, str(pretrained))
     fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
-    loaded = task.warm_start(fresh, make_mesh(1, 1, 1, devices=jax.devices()[:1]), None)
+    loaded = task.warm_start(fresh)
     checkpoints = Checkpointer(str(pretrained / "checkpoints"), read_only=True)
     step = checkpoints.best_step()
     checkpoints.close()
@@ -110,7 +111,7 @@ def test_checkpoint_of_another_vocabulary_is_refused(pretrained, tmp_path):
 def test_a_gpt_checkpoint_is_not_a_bert(tmp_path):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     gpt = GPTConfig(vocab_size=65, num_layers=1, num_heads=2, embed_dim=32, block_size=16)
-    _, state = train_losses(mesh, gpt, trainer.TrainConfig(batch_size=2), 1)
+    _, state = train_losses(mesh, gpt, TrainConfig(batch_size=2), 1)
     saver = Checkpointer(str(tmp_path / "gpt" / "checkpoints"))
     saver.save(1, state, None, {"best_eval_loss": None})
     saver.wait()
@@ -118,4 +119,4 @@ def test_a_gpt_checkpoint_is_not_a_bert(tmp_path):
     model = BertClassifier(BertConfig(vocab_size=65, num_layers=1, embed_dim=32, num_heads=2))
     params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
     with pytest.raises(IncompatibleCheckpointError, match="not a BERT pretraining checkpoint"):
-        bert_tasks.load_pretrained_encoder(str(tmp_path / "gpt"), params["bert"], mesh)
+        bert_tasks.load_pretrained_encoder(str(tmp_path / "gpt"), params["bert"])

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from conftest import run_steps
 from flax import linen as nn
 
 from lmjax.data import bert_data, pipelines
@@ -12,14 +13,15 @@ from lmjax.data.bert_data import MaskConfig, PairConfig
 from lmjax.models.bert import BertConfig
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import bert_tasks, trainer
-from lmjax.train.state import create_task_state
+from lmjax.train.config import TrainConfig
+from lmjax.train.state import create_state
 
 VOCAB = 200
 LENGTH = 32
 # 4 heads and a 200-symbol vocabulary (padded to 256) split over tensor=4.
 MODEL = BertConfig(size="tiny", vocab_size=VOCAB, max_len=LENGTH, num_layers=1, embed_dim=64,
                    num_heads=4, dropout=0.1, attention_dropout=0.1)
-TRAIN = trainer.TrainConfig(num_steps=3, batch_size=8, warmup_steps=1, learning_rate=1e-3)
+TRAIN = TrainConfig(num_steps=3, batch_size=8, warmup_steps=1, learning_rate=1e-3)
 
 
 def _pretrain_data():
@@ -46,18 +48,7 @@ TASKS = {
 
 
 def _losses(task, mesh, steps=3):
-    rules = RULES.get("fsdp_tensor")
-    setup = trainer.build(MODEL, TRAIN, mesh, rules, "/tmp/lmjax-test-unused", task=task)
-    batches = task.train_iterator(TRAIN.batch_size, 0)
-    out = []
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = create_task_state(task, setup.tx, TRAIN.batch_size, 0, mesh, rules)
-        for _ in range(steps):
-            state, metrics = setup.step_fn(state, trainer.to_global(next(batches),
-                                                                    setup.batch_sharding))
-            out.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    setup.checkpoints.close()
-    return out, state
+    return run_steps(task, mesh, TRAIN, steps)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -82,8 +73,8 @@ def test_dropout_is_on_in_these_runs():
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = RULES.get("fsdp_tensor")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = create_task_state(task, trainer.build(MODEL, TRAIN, mesh, rules, "/tmp/x",
-                                                      task=task).tx, 8, 0, mesh, rules)
+        state = create_state(task, trainer.build(task, TRAIN, mesh, rules).tx, 8, 0, mesh,
+                             rules)
     batch = next(task.train_iterator(8, 0))
     a = task.loss(state.params, batch, None, jax.random.key(1), False)[0]
     b = task.loss(state.params, batch, None, jax.random.key(2), False)[0]

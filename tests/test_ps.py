@@ -10,7 +10,7 @@ from lmjax.models import GPTConfig
 from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
 from lmjax.ps.inproc import run_inproc
-from lmjax.ps.worker import init_params, make_grad_fn
+from lmjax.ps.worker import initial_params, make_grad_fn
 
 TINY = GPTConfig(vocab_size=65, num_layers=2, num_heads=2, embed_dim=32, block_size=32)
 # For the many-seed policy checks: gradients cost about a millisecond.
@@ -25,7 +25,7 @@ def data():
 
 
 def test_shards_are_contiguous_balanced_key_ranges():
-    shapes = {k: v.shape for k, v in init_params(TINY, 0).items()}
+    shapes = {k: v.shape for k, v in initial_params(TINY, 0).items()}
     for count in (1, 2, 3, len(shapes)):
         plan = sharding.plan_shards(shapes, count)
         assert [n for names in plan.names for n in names] == sorted(shapes)
@@ -41,7 +41,7 @@ def reference_params(data, model_config, batch_size, steps, tx, seed=0):
     """Plain single-process training with the combined batch of all workers."""
     from lmjax.data.pipelines import window_batches
 
-    params = sharding.unflatten(init_params(model_config, seed))
+    params = sharding.unflatten(initial_params(model_config, seed))
     opt_state = tx.init(params)
     grad_fn = make_grad_fn(model_config)
     batches = window_batches(data.train, model_config.block_size, batch_size, seed)
@@ -60,10 +60,11 @@ def relative(a, b) -> float:
 
 @pytest.mark.parametrize("optimizer,workers,servers", [("sgd", 4, 3), ("adam", 2, 2)])
 def test_inproc_synchronous_equals_combined_batch(data, optimizer, workers, servers):
-    config = PSConfig(policy="bsp", num_workers=workers, num_servers=servers, num_updates=4,
+    config = PSConfig(model=TINY,
+                      policy="bsp", num_workers=workers, num_servers=servers, num_updates=4,
                       batch_size=2, optimizer=optimizer, learning_rate=0.1 if
                       optimizer == "sgd" else 1e-3, slowdown=(1.0, 3.0))
-    result = run_inproc(workdir=None, model_config=TINY, data=data, config=config)
+    result = run_inproc(workdir=None, data=data, config=config)
     tx = optax.sgd(0.1) if optimizer == "sgd" else optax.adam(1e-3)
     want, want_losses = reference_params(data, TINY, workers * 2, 4, tx)
     losses = [r["loss"] for r in result.records if r["split"] == "train"]
@@ -81,10 +82,11 @@ def test_inproc_synchronous_equals_combined_batch(data, optimizer, workers, serv
 
 
 def ssp_records(data, seed, bound, policy="ssp"):
-    config = PSConfig(policy=policy, staleness_bound=bound, num_workers=4, num_updates=40,
+    config = PSConfig(model=MICRO,
+                      policy=policy, staleness_bound=bound, num_workers=4, num_updates=40,
                       batch_size=1, optimizer="sgd", learning_rate=0.1, delay="lognormal",
                       sigma=1.0, slowdown=(1.0, 1.0, 2.0, 4.0), seed=seed)
-    result = run_inproc(workdir=None, model_config=MICRO, data=data, config=config)
+    result = run_inproc(workdir=None, data=data, config=config)
     return [r for r in result.records if r["split"] == "train"]
 
 
@@ -106,13 +108,12 @@ def test_ssp_staleness_never_exceeds_the_bound(data):
 
 
 def test_inproc_is_deterministic_for_a_seed(data, tmp_path):
-    config = PSConfig(policy="async", num_workers=3, num_updates=6, batch_size=1,
+    config = PSConfig(model=MICRO, policy="async", num_workers=3, num_updates=6, batch_size=1,
                       delay="lognormal", sigma=0.5, seed=3)
-    first = run_inproc(workdir=str(tmp_path), model_config=MICRO, data=data, config=config)
-    second = run_inproc(workdir=None, model_config=MICRO, data=data, config=config)
+    first = run_inproc(workdir=str(tmp_path), data=data, config=config)
+    second = run_inproc(workdir=None, data=data, config=config)
     assert first.records == second.records
-    other = run_inproc(workdir=None, model_config=MICRO, data=data,
-                       config=dataclasses.replace(config, seed=4))
+    other = run_inproc(workdir=None, data=data, config=dataclasses.replace(config, seed=4))
     times = [[r.get("time") for r in result.records] for result in (first, other)]
     assert times[0] != times[1]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

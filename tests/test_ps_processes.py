@@ -47,10 +47,10 @@ def leftover_processes(workdir) -> list[str]:
 def inproc_losses(num_updates):
     from lmjax.data.pipelines import load_lm_data
 
-    config = PSConfig(policy="bsp", num_workers=2, num_updates=num_updates, batch_size=8,
+    config = PSConfig(model=TINY,
+                      policy="bsp", num_workers=2, num_updates=num_updates, batch_size=8,
                       optimizer="adam", learning_rate=1e-3, seed=0)
-    result = run_inproc(workdir=None, model_config=TINY, data=load_lm_data("tiny_shakespeare"),
-                        config=config)
+    result = run_inproc(workdir=None, data=load_lm_data("tiny_shakespeare"), config=config)
     return [r["loss"] for r in result.records if r["split"] == "train"]
 
 
@@ -136,7 +136,7 @@ def test_config_check_names_the_problem(changes, message):
     from lmjax.ps.run import check
 
     with pytest.raises(ValueError, match=message):
-        check(PSConfig(**changes), TINY)
+        check(PSConfig(model=TINY, **changes))
 
 
 @pytest.mark.slow

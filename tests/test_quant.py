@@ -9,6 +9,7 @@ from flax import linen as nn
 from lmjax.models import GPT, GPTConfig
 from lmjax.serve import quant
 from lmjax.serve.generate import Decoder
+from lmjax.train.tasks import LMTask
 
 CONFIG = GPTConfig(vocab_size=65, block_size=32, num_layers=2, num_heads=4, embed_dim=64)
 
@@ -71,7 +72,7 @@ def test_report_fields(model_params):
     model, params = model_params
     rng = np.random.default_rng(2)
     batches = [{"inputs": rng.integers(0, 65, (2, 32)), "targets": rng.integers(0, 65, (2, 32))}]
-    r = quant.report(model, params, batches)
+    r = quant.report(LMTask(CONFIG), params, batches)
     assert r["bytes_ratio"] == r["int8_bytes"] / r["fp32_bytes"] < 0.3
     assert abs(r["loss_change_relative"]) < 0.01
     assert r["fp32_eval_loss"] == pytest.approx(np.log(65), rel=0.05)  # untrained

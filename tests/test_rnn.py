@@ -17,7 +17,8 @@ from lmjax.models import rnn
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 from lmjax.train.checkpoint import Checkpointer
-from lmjax.train.state import create_task_state
+from lmjax.train.config import TrainConfig
+from lmjax.train.state import create_state
 from lmjax.train.tasks import StreamLMTask
 
 
@@ -152,25 +153,24 @@ def test_stream_chunks_continue_rows_and_reset_at_stream_start():
 
 SMALL = rnn.RNNConfig(cell="lstm", vocab_size=65, embed_dim=16, hidden_dim=32, num_layers=2,
                       block_size=16, dropout=0.1, unroll=4)
-TRAIN = trainer.TrainConfig(num_steps=6, batch_size=8, warmup_steps=1, optimizer="rmsprop",
-                            learning_rate=2e-3, beta2=0.95, grad_clip=5.0)
+TRAIN = TrainConfig(num_steps=6, batch_size=8, warmup_steps=1, optimizer="rmsprop",
+                    learning_rate=2e-3, beta2=0.95, grad_clip=5.0)
 
 
 def stream_losses(mesh, steps: int = 6, per_call: int = 1):
     """Losses of `steps` training steps, run `per_call` to a compiled call, and the state."""
     text = pipelines.load_lm_data("tiny_shakespeare")
     data = pipelines.LMData(text.tokenizer, text.train[:20000], text.eval)
-    task = StreamLMTask(rnn.RNNLM(SMALL), data, SMALL.block_size, SMALL.zero_carry)
+    task = StreamLMTask(SMALL, data)
     rules = RULES.get("fsdp_tensor")
-    setup = trainer.build(None, TRAIN, mesh, rules, "/tmp/lmjax-test-unused", task=task)
+    setup = trainer.build(task, TRAIN, mesh, rules)
     batches = task.train_iterator(TRAIN.batch_size, 0)
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = create_task_state(task, setup.tx, TRAIN.batch_size, 0, mesh, rules)
+        state = create_state(task, setup.tx, TRAIN.batch_size, 0, mesh, rules)
         for _ in range(steps // per_call):
             state, metrics = trainer.advance(setup, state, batches, per_call)
             losses.append(metrics["loss"])
-    setup.checkpoints.close()
     return np.concatenate([np.reshape(x, -1) for x in jax.device_get(losses)]), state
 
 

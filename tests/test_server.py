@@ -229,11 +229,15 @@ def test_500_requests_at_concurrency_32(server):
 
 
 def test_serve_command_answers_and_drains_on_sigterm(tmp_path):
+    """Also: serving reads no corpus (the data folders are empty while it runs)."""
     workdir = tmp_path / "run"
     trained = run_cli(*tiny_args(workdir))
     assert trained.returncode == 0, trained.stderr[-2000:]
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               LMJAX_DATA_DIR=str(empty), LMJAX_TFDS_DIR=str(empty))
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmjax.main", "serve", f"--workdir={workdir}", f"--port={port}",
          "--api_key=k", "--slots=2", "--scheduler=mlfq"],
@@ -266,6 +270,7 @@ def test_serve_command_answers_and_drains_on_sigterm(tmp_path):
         # uvicorn re-raises the signal once it has shut down cleanly
         assert proc.wait(60) in (0, -signal.SIGTERM)
         assert "Traceback" not in proc.stderr.read()
+        assert not os.listdir(empty)
     finally:
         if proc.poll() is None:
             proc.kill()

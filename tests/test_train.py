@@ -4,15 +4,17 @@ import dataclasses
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import train_losses
 
 from lmjax.models import GPTConfig
 from lmjax.parallel import make_mesh
 from lmjax.train import optim, trainer
+from lmjax.train.config import TrainConfig
 
 MODEL = GPTConfig(vocab_size=65, num_layers=2, num_heads=4, embed_dim=64, block_size=32)
-TRAIN = trainer.TrainConfig(num_steps=3, batch_size=16, warmup_steps=1)
+TRAIN = TrainConfig(num_steps=3, batch_size=16, warmup_steps=1)
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -59,25 +61,29 @@ def test_remat_equals_plain_and_bf16_tracks_fp32():
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
 
 
-def test_checkpoint_without_carry_entry_restores(tmp_path):
-    """States gained a `carry` field after the first GPT checkpoints were written; a
-    checkpoint without that entry still restores into a state with nothing to carry."""
-    from lmjax.train.checkpoint import Checkpointer, as_abstract
+def test_checkpoint_of_an_older_format_is_refused_by_name(tmp_path):
+    """A checkpoint whose meta lacks this version's format marker (written before the
+    state layout of this version) gets one clear error, for a resume and for serving."""
+    from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError, as_abstract
     from lmjax.train.state import TrainState
 
     state = TrainState(step=jax.numpy.array(7), params={"w": jax.numpy.arange(6.0)},
                        opt_state=(jax.numpy.ones(3),), rng=jax.numpy.array([1, 2], "uint32"))
-    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-           if f.name != "carry"}
     writer = Checkpointer(str(tmp_path), async_save=False)
-    writer.save(7, old, None, {"note": "no carry"})
+    writer.save(7, state, None, {"best_eval_loss": None})
+    # What older versions wrote: the same items, a meta without "format".
+    writer.manager.save(8, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave({"note": "old"})))
     writer.close()
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    abstract = as_abstract(state, jax.tree.map(lambda x: x.sharding, state))
     reader = Checkpointer(str(tmp_path), read_only=True)
-    restored, meta = reader.restore(7, as_abstract(state, shardings))
-    assert meta == {"note": "no carry"} and restored.carry is None
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-        np.testing.assert_array_equal(got, want)
+    restored, meta = reader.restore(7, abstract)
+    assert meta["format"] == 2 and int(restored.step) == 7
+    with pytest.raises(IncompatibleCheckpointError, match="step 8 .* older lmjax"):
+        reader.restore(8, abstract)
+    with pytest.raises(IncompatibleCheckpointError, match="older lmjax"):
+        reader.restore_params(8, abstract.params)
+    reader.close()
 
 
 def test_non_finite_loss_inside_a_call_names_its_step():

@@ -19,20 +19,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lmjax.data.pipelines import eval_batches, load_lm_data  # noqa: E402
-from lmjax.models import GPT, GPTConfig  # noqa: E402
+from lmjax.models import GPTConfig  # noqa: E402
 from lmjax.ps import sharding  # noqa: E402
 from lmjax.ps.config import PSConfig  # noqa: E402
 from lmjax.ps.inproc import run_inproc  # noqa: E402
-from lmjax.train.step import lm_loss  # noqa: E402
+from lmjax.train.tasks import LMTask, evaluate  # noqa: E402
 
 TINY = GPTConfig(vocab_size=65, num_layers=2, num_heads=2, embed_dim=32, block_size=32)
 
 
 def eval_loss(data, params: dict, batches) -> float:
-    model = GPT(TINY)
-    tree = sharding.unflatten(params)
-    fn = jax.jit(lambda p, b: lm_loss(model.apply({"params": p}, b["inputs"]), b["targets"]))
-    return float(np.mean([fn(tree, b) for b in batches]))
+    """The LM task's eval loss of flat parameter-server params over fixed batches."""
+    task = LMTask(TINY)
+    fn = jax.jit(task.eval_sums)
+    return evaluate(task, fn, sharding.unflatten(params), batches, len(batches[0]["inputs"]))[
+        "loss"]
 
 
 def smoothed(records, window=10) -> np.ndarray:
@@ -57,11 +58,11 @@ def staleness_study(data, out: str) -> dict:
     for scaling in ("fixed", "staleness"):
         for n in (1, 15, 30):
             updates = learners * grads_per_learner // (learners // n)  # equal samples
-            config = PSConfig(policy="softsync", num_workers=learners, softsync_n=n,
+            config = PSConfig(model=TINY, policy="softsync", num_workers=learners, softsync_n=n,
                               num_updates=updates, batch_size=2, optimizer="momentum",
                               learning_rate=0.05, lr_scaling=scaling, delay="lognormal",
                               sigma=0.3, seed=0)
-            result = run_inproc(workdir=None, model_config=TINY, data=data, config=config)
+            result = run_inproc(workdir=None, data=data, config=config)
             records = train(result)
             loss = eval_loss(data, result.params, evals)
             staleness = float(np.mean([r["updates_behind"] for r in records]))
@@ -83,11 +84,12 @@ def bounded_study(data, out: str) -> dict:
     """Bounded delay: heterogeneous workers, SSP with s in {0, 1, 2, 4, 8, 16, inf}."""
     target, rows, curves = 3.3, [], {}
     for s in (0, 1, 2, 4, 8, 16, -1):
-        config = PSConfig(policy="ssp", staleness_bound=s, num_workers=8, num_updates=320,
+        config = PSConfig(model=TINY,
+                          policy="ssp", staleness_bound=s, num_workers=8, num_updates=320,
                           batch_size=4, optimizer="adam", learning_rate=3e-3,
                           delay="lognormal", sigma=0.3,
                           slowdown=(1, 1, 1, 1, 1.5, 2, 3, 4), seed=0)
-        result = run_inproc(workdir=None, model_config=TINY, data=data, config=config)
+        result = run_inproc(workdir=None, data=data, config=config)
         records = train(result)
         curve = smoothed(records, 20)
         hit = first_below(curve, target)
@@ -110,10 +112,11 @@ def backup_study(data, out: str) -> dict:
     target, rows, curves = 3.3, [], {}
     for b in (0, 1, 2, 4):
         policy = "bsp" if b == 0 else "backup"
-        config = PSConfig(policy=policy, num_workers=8 + b, backup_workers=b, num_updates=60,
+        config = PSConfig(model=TINY,
+                          policy=policy, num_workers=8 + b, backup_workers=b, num_updates=60,
                           batch_size=4, optimizer="adam", learning_rate=3e-3,
                           delay="lognormal", sigma=1.0, seed=0)
-        result = run_inproc(workdir=None, model_config=TINY, data=data, config=config)
+        result = run_inproc(workdir=None, data=data, config=config)
         records = train(result)
         curve = smoothed(records, 5)
         hit = first_below(curve, target)
@@ -135,11 +138,12 @@ def ssp_distribution_study(data, out: str) -> dict:
     for s in (0, 1, 3, 8):
         counts = {}
         for seed in range(30):
-            config = PSConfig(policy="ssp", staleness_bound=s, num_workers=4, num_updates=40,
+            config = PSConfig(model=micro,
+                              policy="ssp", staleness_bound=s, num_workers=4, num_updates=40,
                               batch_size=1, optimizer="sgd", learning_rate=0.1,
                               delay="lognormal", sigma=1.0, slowdown=(1.0, 1.0, 2.0, 4.0),
                               seed=seed)
-            result = run_inproc(workdir=None, model_config=micro, data=data, config=config)
+            result = run_inproc(workdir=None, data=data, config=config)
             for r in train(result):
                 counts[r["staleness"]] = counts.get(r["staleness"], 0) + 1
         total = sum(counts.values())

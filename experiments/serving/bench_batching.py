@@ -13,7 +13,7 @@ import threading
 import time
 
 import numpy as np
-from common import DEFAULT_WORKDIR, load, make_workload, prompts_from_text
+from common import DEFAULT_WORKDIR, eval_text, load, make_workload, prompts_from_text
 
 from lmjax.serve.generate import SamplingParams
 from lmjax.serve.server import build_engine
@@ -59,8 +59,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     loaded = load(args.workdir)
-    text = "".join(loaded.tokenizer.decode(row) for b in loaded.eval_batches
-                   for row in b["inputs"])
+    text = eval_text(args.workdir, loaded.tokenizer)
     w = make_workload(args.requests, 1.0, args.seed, output_max=256)
     prompts = prompts_from_text(text, w.prompt_lengths, args.seed)
     requests = [([int(t) for t in loaded.tokenizer.encode(p)], args.new_tokens)

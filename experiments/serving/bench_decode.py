@@ -13,7 +13,7 @@ import time
 
 import jax
 import numpy as np
-from common import DEFAULT_WORKDIR, load
+from common import DEFAULT_WORKDIR, eval_batches, load
 
 from lmjax.serve.generate import Decoder, SamplingParams, generate
 
@@ -43,16 +43,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     loaded = load(args.workdir)
-    text = loaded.tokenizer.decode(loaded.eval_batches[0]["inputs"][0])
+    text = loaded.tokenizer.decode(eval_batches(args.workdir)[0]["inputs"][0])
     prompt = [int(i) for i in loaded.tokenizer.encode(text[: args.prompt_tokens])]
-    decoder = Decoder(loaded.model)
+    decoder = Decoder(loaded.task.model)
     opts = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
 
     def cached():
         return generate(decoder, loaded.params, [prompt], opts)[0].tokens
 
     def full():
-        return recompute(loaded.model, loaded.params, prompt, args.new_tokens)
+        return recompute(loaded.task.model, loaded.params, prompt, args.new_tokens)
 
     times = {}
     outputs = {}
@@ -65,7 +65,7 @@ def main() -> None:
             runs.append(time.perf_counter() - start)
         times[name] = min(runs)
     agree = sum(a == b for a, b in zip(outputs["kv_cache"], outputs["recompute"], strict=True))
-    print(f"model: {args.workdir} (block {loaded.model.config.block_size}), prompt "
+    print(f"model: {args.workdir} (block {loaded.task.config.block_size}), prompt "
           f"{len(prompt)} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     for name, seconds in times.items():
         print(f"{name:10s} {seconds:8.3f} s  {args.new_tokens / seconds:8.1f} tokens/s")

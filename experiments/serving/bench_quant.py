@@ -9,7 +9,7 @@ nanoGPT's val split).
 import argparse
 import json
 
-from common import DEFAULT_WORKDIR, load
+from common import DEFAULT_WORKDIR, eval_batches, load
 
 from lmjax.serve import quant
 
@@ -19,8 +19,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = parser.parse_args()
     loaded = load(args.workdir)
-    r = quant.report(loaded.model, loaded.params, loaded.eval_batches)
-    rows = sum(b["inputs"].size for b in loaded.eval_batches)
+    batches = eval_batches(args.workdir)
+    r = quant.report(loaded.task, loaded.params, batches)
+    rows = sum(b["inputs"].size for b in batches)
     print(f"model: {args.workdir} (step {loaded.step}); eval over {rows} tokens")
     print(f"fp32 parameters {r['fp32_bytes']:>10,d} bytes   eval loss {r['fp32_eval_loss']:.4f}")
     print(f"int8 parameters {r['int8_bytes']:>10,d} bytes   eval loss {r['int8_eval_loss']:.4f}")

@@ -17,7 +17,15 @@ import os
 import time
 
 import numpy as np
-from common import DEFAULT_WORKDIR, Workload, load, make_workload, percentile, prompts_from_text
+from common import (
+    DEFAULT_WORKDIR,
+    Workload,
+    eval_text,
+    load,
+    make_workload,
+    percentile,
+    prompts_from_text,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -235,7 +243,7 @@ def main() -> None:
             parser.error("--concurrent drives engines in this machine's processes, not --url")
         return run_concurrent(args)
     loaded = load(args.workdir)
-    text = _eval_text(loaded)
+    text = eval_text(args.workdir, loaded.tokenizer)
     lengths = _lengths(args, loaded)
     results, summaries = {}, {}
     if args.url is not None:
@@ -376,7 +384,7 @@ def _concurrent_worker(core: int, args, pipe) -> None:
     os.sched_setaffinity(0, {core})  # before JAX starts: its thread pools fit one core
     loaded = load(args.workdir)
     engine = make_engine(loaded, args.slots, args.max_batch)
-    text, lengths = _eval_text(loaded), _lengths(args, loaded)
+    text, lengths = eval_text(args.workdir, loaded.tokenizer), _lengths(args, loaded)
     unit = make_workload(args.requests, 1.0, args.seed, **lengths)
     prompts = prompts_from_text(text, unit.prompt_lengths, args.seed)
     capacity = 1.0 / _work(engine, unit)
@@ -392,12 +400,6 @@ def _concurrent_worker(core: int, args, pipe) -> None:
         pipe.send((records, {**stats, "core": core}))
 
 
-def _eval_text(loaded) -> str:
-    """The eval split's text, where prompts are cut from."""
-    return "".join(loaded.tokenizer.decode(row) for b in loaded.eval_batches
-                   for row in b["inputs"])
-
-
 def _describe(w: Workload) -> None:
     o = w.output_lengths
     print(f"{len(o)} requests; prompt length mean {w.prompt_lengths.mean():.0f} (max "
@@ -407,7 +409,7 @@ def _describe(w: Workload) -> None:
 
 
 def _lengths(args, loaded) -> dict:
-    block = loaded.model.config.block_size
+    block = loaded.task.config.block_size
     return {"prompt_min": args.prompt_min, "prompt_max": args.prompt_max,
             "output_min": args.output_min,
             "output_max": args.output_max or block - args.prompt_max, "alpha": args.alpha}

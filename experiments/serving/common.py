@@ -11,17 +11,35 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 DEFAULT_WORKDIR = "runs/serve"  # trained by configs/experiments/shakespeare_char_serve.gin
 
 
-def load(workdir: str):
-    """The best checkpoint of workdir as `lmjax.serve.sample.Loaded` (config from config.gin)."""
-    import gin
+def _config(workdir: str):
+    """The run's TrainConfig, from its config.gin."""
+    from lmjax import configs
+    from lmjax.train.config import TrainConfig
 
-    from lmjax import entry
+    configs.parse([os.path.join(workdir, "config.gin")], [])
+    return configs.bound(TrainConfig)
+
+
+def load(workdir: str):
+    """The best checkpoint of workdir as `lmjax.serve.sample.Loaded` (as `lmjax serve`
+    loads it: config.gin, the tokenizer and the parameters)."""
     from lmjax.serve.sample import load_best
 
-    workdir = os.path.abspath(workdir)  # orbax wants absolute paths
-    gin.parse_config_files_and_bindings([os.path.join(workdir, "config.gin")], [],
-                                        finalize_config=False)
-    return entry.train(workdir, runner=load_best)
+    return load_best(workdir, _config(workdir))
+
+
+def eval_batches(workdir: str) -> list[dict]:
+    """The fixed eval batches the training run evaluated on (reads the corpus)."""
+    from lmjax.commands import build_task
+    from lmjax.train.trainer import eval_set
+
+    config = _config(workdir)
+    return eval_set(build_task(config, workdir), config)
+
+
+def eval_text(workdir: str, tokenizer) -> str:
+    """The text of the run's eval batches, one row after another."""
+    return "".join(tokenizer.decode(row) for b in eval_batches(workdir) for row in b["inputs"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,42 @@
 """Device meshes with the axes `data`, `fsdp` and `tensor`."""
 
+import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lmjax.parallel.rules import RULES, Rules
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (gin: `mesh.data = 2`; -1 takes the rest of the devices) and the
+    logical-axis rule table (a name in lmjax.parallel.rules.RULES).
+
+    `cpu_devices` splits the host CPU into that many JAX devices (`jax_num_cpu_devices`),
+    so a CPU run can be data parallel over its cores. It only affects the CPU backend and
+    must be applied before JAX starts one; an explicit
+    `--xla_force_host_platform_device_count` in XLA_FLAGS wins over it.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: str = "fsdp_tensor"
+    cpu_devices: int | None = None
+
+    def build(self) -> tuple[Mesh, Rules]:
+        if self.cpu_devices is not None and _DEVICE_COUNT_FLAG not in os.environ.get(
+                "XLA_FLAGS", ""):
+            jax.config.update("jax_num_cpu_devices", self.cpu_devices)
+        return make_mesh(self.data, self.fsdp, self.tensor), RULES.get(self.rules)
 
 
 def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
@@ -46,3 +75,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows -> one global array per key, sharded over data and fsdp.
+
+    In one process the rows are the whole batch, and the NumPy arrays go to the jitted
+    step as they are: its `in_shardings` place them while it dispatches, which costs the
+    host less than a `jax.device_put` first."""
+    if jax.process_count() == 1:
+        return batch
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
+    """`sharding` of batches for arrays with a leading axis of steps before the rows."""
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))

@@ -10,46 +10,20 @@ path is timed: encoding, status reads, inbox slots, the optax update, publicatio
 """
 
 import argparse
-import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 
+from lmjax.data.config import LMDataConfig
 from lmjax.models import GPTConfig
 from lmjax.ps.config import PSConfig
-from lmjax.ps.kv import encode_arrays
 from lmjax.ps.roles import RunSpec
-from lmjax.ps.worker import init_params, param_shapes
+from lmjax.ps.worker import param_shapes
 
 
 def _payload_bytes(spec: RunSpec) -> int:
     return 4 * sum(int(np.prod(s)) for s in param_shapes(spec.model_config).values())
-
-
-def raw_phase(spec: RunSpec, role: str, client) -> None:
-    """The raw store between the worker (sender) and the server (echo); others skip."""
-    rounds = spec.ps.num_updates
-    # The very bytes the parameter server moves: the initial parameters, in plan order
-    # (the store compresses, so random bytes would not compare).
-    params = init_params(spec.model_config, spec.ps.seed)
-    payload = encode_arrays(sorted(params), params)
-    size = len(payload)
-    if role == "server":
-        for i in range(rounds):
-            client.blocking_key_value_get_bytes(f"bench/up/{i}", 600_000)
-            client.key_value_delete(f"bench/up/{i}")
-            client.key_value_set_bytes(f"bench/down/{i}", payload)
-    elif role == "worker":
-        start = time.perf_counter()
-        for i in range(rounds):
-            client.key_value_set_bytes(f"bench/up/{i}", payload)
-            client.blocking_key_value_get_bytes(f"bench/down/{i}", 600_000)
-            client.key_value_delete(f"bench/down/{i}")
-        seconds = time.perf_counter() - start
-        with open(os.path.join(spec.workdir, "bench_raw.json"), "w") as f:
-            json.dump({"bytes": 2 * size * rounds, "seconds": seconds}, f)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,13 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_lm_data("tiny_shakespeare", tokenizer_dir=os.path.join(workdir, "tokenizer"))
     model = GPTConfig(vocab_size=data.tokenizer.vocab_size, num_layers=args.num_layers,
                       num_heads=4, embed_dim=args.embed_dim, block_size=64)
-    config = PSConfig(transport="jax_distributed", num_servers=1, num_workers=1, policy="bsp",
+    config = PSConfig(model=model, transport="jax_distributed", num_servers=1, num_workers=1,
+                      policy="bsp",
                       num_updates=args.updates, batch_size=1, optimizer="sgd",
                       learning_rate=0.0, checkpoint_every=10 * args.updates)
-    spec = RunSpec(workdir, dataclasses.asdict(model), dataclasses.asdict(config),
-                   {"name": "tiny_shakespeare", "tokenizer": "char", "vocab_size": None,
-                    "tfds_dir": None, "manual_dir": None},
-                   f"127.0.0.1:{check_port(0)}", bench=True)
+    spec = RunSpec.create(workdir, config, LMDataConfig(), f"127.0.0.1:{check_port(0)}",
+                          bench=True)
     path = os.path.join(workdir, "ps_spec.json")
     spec.save(path)
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):

@@ -1,12 +1,15 @@
 """The parameter-server run configuration and its checks (before any process starts)."""
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
 class PSConfig:
-    """One parameter-server run. `num_workers` counts every worker, backups included."""
+    """One parameter-server run (gin: `ps.num_workers = 4`). `num_workers` counts every
+    worker, backups included."""
 
+    model: Any = None  # a language-model config, e.g. GPTConfig() (lmjax.models.MODELS)
     transport: str = "inproc"  # or "jax_distributed"
     num_servers: int = 1
     num_workers: int = 2

@@ -16,14 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from lmjax.data.pipelines import LMData
-from lmjax.models import GPTConfig
 from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
-from lmjax.ps.metrics import PSMetricWriter
 from lmjax.ps.policies import make_policy
 from lmjax.ps.server import ServerCore
-from lmjax.ps.worker import WorkerCore, init_params, make_grad_fn, worker_batches
+from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, worker_batches
 from lmjax.registry import Registry
+from lmjax.train.metrics import MetricWriter
 
 DELAYS: Registry = Registry("delay")
 
@@ -52,10 +51,11 @@ class Result:
 class Simulation:
     """Servers, workers and an event queue of (time, order, kind, worker)."""
 
-    def __init__(self, model_config: GPTConfig, data: LMData, config: PSConfig):
+    def __init__(self, config: PSConfig, data: LMData):
         self.config = config
         policy = make_policy(config)
-        params = init_params(model_config, config.seed)
+        model_config = config.model
+        params = initial_params(model_config, config.seed)
         self.plan = sharding.plan_shards({k: v.shape for k, v in params.items()},
                                          config.num_servers)
         self.servers = [ServerCore(k, part, config, policy)
@@ -103,7 +103,7 @@ class Simulation:
                 self.schedule(self.now, "fetch", other)
         return records
 
-    def run(self, writer: PSMetricWriter | None = None) -> Result:
+    def run(self, writer: MetricWriter | None = None) -> Result:
         for w in range(self.config.num_workers):
             self.schedule(0.0, "fetch", w)
         records = []
@@ -137,8 +137,11 @@ class Simulation:
                 for w, worker in enumerate(self.workers)]
 
 
-def run_inproc(*, workdir: str | None, model_config: GPTConfig, data: LMData,
-               config: PSConfig) -> Result:
+def run_inproc(*, workdir: str | None, config: PSConfig, data: LMData) -> Result:
     """Runs the whole parameter server in virtual time; writes DIR/metrics.jsonl if workdir."""
-    writer = PSMetricWriter(workdir, resume_step=0) if workdir else None
-    return Simulation(model_config, data, config).run(writer)
+    writer = MetricWriter(workdir, resume_step=0) if workdir else None
+    try:
+        return Simulation(config, data).run(writer)
+    finally:
+        if writer:
+            writer.close()

@@ -23,17 +23,24 @@ import sys
 import threading
 import time
 
+from lmjax.errors import RunError
 from lmjax.ps.config import PSConfig, parse_fault
 from lmjax.ps.kv import is_missing
-from lmjax.ps.metrics import PSMetricWriter
-from lmjax.ps.roles import ROLES, RunSpec, read_finals, role_of
+from lmjax.ps.roles import (
+    ROLES,
+    RunSpec,
+    raw_phase,
+    read_finals,
+    role_of,
+    write_worker_records,
+)
 
 TOLERANT = {"async", "ssp", "softsync", "backup"}  # policies that go on without a worker
 POLL_SECONDS = 0.2
 PARENT_ENV = "LMJAX_PS_SUPERVISOR"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RunError, RuntimeError):
     """A process could not start, join or finish; every started process was stopped."""
 
 
@@ -266,9 +273,7 @@ def _finish(sup: Supervisor, client, start: float) -> dict:
             except subprocess.TimeoutExpired:
                 sup.fail(f"{sup.name(pid)} did not stop after the last update", pid)
     version = _version(client)
-    writer = PSMetricWriter(sup.spec.workdir, version)
-    for worker, final in sorted(read_finals(client, sup.config).items()):
-        writer.write({"split": "worker", "step": version, "worker": worker, **final})
+    write_worker_records(sup.spec.workdir, version, read_finals(client, sup.config))
     for event in sup.events:
         print(f"ps: {event}")
     return {"updates": version, "seconds": time.time() - start, "events": sup.events}
@@ -299,8 +304,6 @@ def role_main(argv: list[str] | None = None) -> None:
     client = kv_client()
     role, index = role_of(jax.process_index(), config)
     if spec.bench:
-        from lmjax.ps.bench import raw_phase
-
         raw_phase(spec, role, client)
     if role == "coordinator":
         run_cluster_coordinator(spec, client)
@@ -320,10 +323,7 @@ def run_cluster_coordinator(spec: RunSpec, client) -> None:
     while not json.loads(client.blocking_key_value_get("ps/s0/status", 600_000))["done"]:
         time.sleep(1.0)
     time.sleep(5.0)  # let workers publish their final records
-    version = _version(client)
-    writer = PSMetricWriter(spec.workdir, version)
-    for worker, final in sorted(read_finals(client, config).items()):
-        writer.write({"split": "worker", "step": version, "worker": worker, **final})
+    write_worker_records(spec.workdir, _version(client), read_finals(client, config))
 
 
 if __name__ == "__main__":

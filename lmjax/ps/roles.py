@@ -12,16 +12,17 @@ import time
 import jax
 import numpy as np
 
+from lmjax.data.config import LMDataConfig
 from lmjax.data.pipelines import load_lm_data
-from lmjax.models import GPTConfig
+from lmjax.models import MODELS
 from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
-from lmjax.ps.kv import ShardClient, ShardPublisher, is_missing
-from lmjax.ps.metrics import PSMetricWriter
+from lmjax.ps.kv import ShardClient, ShardPublisher, encode_arrays, is_missing
 from lmjax.ps.policies import make_policy
 from lmjax.ps.server import ServerCheckpoints, ServerCore
-from lmjax.ps.worker import WorkerCore, init_params, make_grad_fn, worker_batches
+from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, worker_batches
 from lmjax.registry import Registry
+from lmjax.train.metrics import MetricWriter
 
 HOLE_SECONDS = 5.0  # a slot taken but never written (its worker died mid-push) is skipped
 LIVENESS_SECONDS = 1.0
@@ -33,21 +34,33 @@ class RunSpec:
     """Everything a role process needs, written by the launcher to DIR/ps_spec.json."""
 
     workdir: str
-    model: dict
-    config: dict
-    dataset: dict  # arguments of load_lm_data besides the tokenizer dir
+    model: dict  # {"name": a name in lmjax.models.MODELS, "fields": its config's fields}
+    config: dict  # the PSConfig's other fields
+    dataset: dict  # the LMDataConfig's fields
     coordinator: str  # host:port
     bench: bool = False  # lmjax/ps/bench.py: measure raw KV transfers, then no-compute updates
+
+    @classmethod
+    def create(cls, workdir: str, config: PSConfig, data_config: LMDataConfig,
+               coordinator: str, bench: bool = False) -> "RunSpec":
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        model = fields.pop("model")
+        return cls(workdir, {"name": type(model).__name__, "fields": dataclasses.asdict(model)},
+                   fields, dataclasses.asdict(data_config), coordinator, bench)
+
+    @property
+    def model_config(self):
+        return MODELS.get(self.model["name"])(**self.model["fields"])
 
     @property
     def ps(self) -> PSConfig:
         fields = {**self.config, "slowdown": tuple(self.config["slowdown"]),
                   "faults": tuple(self.config["faults"])}
-        return PSConfig(**fields)
+        return PSConfig(model=self.model_config, **fields)
 
     @property
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(**self.model)
+    def data_config(self) -> LMDataConfig:
+        return LMDataConfig(**self.dataset)
 
     @property
     def num_processes(self) -> int:
@@ -72,7 +85,7 @@ def role_of(process_id: int, config: PSConfig) -> tuple[str, int]:
 
 
 def _plan(spec: RunSpec):
-    params = init_params(spec.model_config, spec.ps.seed)
+    params = initial_params(spec.model_config, spec.ps.seed)
     plan = sharding.plan_shards({k: v.shape for k, v in params.items()}, spec.ps.num_servers)
     return params, plan
 
@@ -90,7 +103,7 @@ def run_server(spec: RunSpec, shard: int, client) -> None:
     meta = checkpoints.restore(core) or {"cursor": 1, "floor": 1, "pending": []}
     # Gradients queued at the checkpoint are still in the inbox: read them back.
     core.pending = [publisher.read(slot, 60_000) for slot in meta["pending"]]
-    writer = PSMetricWriter(spec.workdir, core.version) if shard == 0 else None
+    writer = MetricWriter(spec.workdir, core.version) if shard == 0 else None
     core.warm_up()
     start = float(client.blocking_key_value_get("ps/start", 600_000))
     publisher.publish(core.status(), core.params_numpy())
@@ -116,6 +129,8 @@ def run_server(spec: RunSpec, shard: int, client) -> None:
             push = publisher.try_read(state["cursor"]) if count < MAX_BACKLOG else None
         publisher.publish(core.status(), core.params_numpy() if applied else None)
     checkpoints.close()
+    if writer:
+        writer.close()
 
 
 def _checkpoint(core: ServerCore, checkpoints, publisher, state: dict) -> None:
@@ -154,7 +169,8 @@ def _idle(core: ServerCore, publisher, client, config: PSConfig, state: dict) ->
 def run_worker(spec: RunSpec, index: int, client) -> None:
     config = spec.ps
     _, plan = _plan(spec)
-    data = load_lm_data(**spec.dataset, tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
+    data = load_lm_data(**dataclasses.asdict(spec.data_config),
+                        tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
     shards = [ShardClient(client, plan, k) for k in range(config.num_servers)]
     first = shards[0].status()[0]
     grad_fn = echo_grads if spec.bench else make_grad_fn(spec.model_config)
@@ -163,7 +179,7 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
                                      config.batch_size, config.num_workers, index, config.seed),
                       clock=first.clocks[index])  # a restarted worker goes on from its clock
     # Compile before the start, so a slow compile does not make the first gradient stale.
-    jax.block_until_ready(grad_fn(sharding.unflatten(init_params(spec.model_config, 0)),
+    jax.block_until_ready(grad_fn(sharding.unflatten(initial_params(spec.model_config, 0)),
                                   core.batches[core.clock]))
     client.key_value_set(f"ps/ready/worker{index}", "1", allow_overwrite=True)
     for other in range(config.num_workers):  # start together (a restarted worker passes)
@@ -201,6 +217,30 @@ def _straggle(config: PSConfig, index: int, seconds: float) -> None:
         time.sleep((factor - 1) * seconds)
 
 
+def raw_phase(spec: RunSpec, role: str, client) -> None:
+    """The raw store between the worker (sender) and the server (echo); others skip."""
+    rounds = spec.ps.num_updates
+    # The very bytes the parameter server moves: the initial parameters, in plan order
+    # (the store compresses, so random bytes would not compare).
+    params = initial_params(spec.model_config, spec.ps.seed)
+    payload = encode_arrays(sorted(params), params)
+    size = len(payload)
+    if role == "server":
+        for i in range(rounds):
+            client.blocking_key_value_get_bytes(f"bench/up/{i}", 600_000)
+            client.key_value_delete(f"bench/up/{i}")
+            client.key_value_set_bytes(f"bench/down/{i}", payload)
+    elif role == "worker":
+        start = time.perf_counter()
+        for i in range(rounds):
+            client.key_value_set_bytes(f"bench/up/{i}", payload)
+            client.blocking_key_value_get_bytes(f"bench/down/{i}", 600_000)
+            client.key_value_delete(f"bench/down/{i}")
+        seconds = time.perf_counter() - start
+        with open(os.path.join(spec.workdir, "bench_raw.json"), "w") as f:
+            json.dump({"bytes": 2 * size * rounds, "seconds": seconds}, f)
+
+
 def echo_grads(params, batch):
     """The benchmark's stand-in for the model, without compute: the parameters themselves
     as gradients, so pushes carry bytes as varied as pulls (the store compresses)."""
@@ -231,3 +271,11 @@ def read_finals(client, config: PSConfig) -> dict[int, dict]:
             if not is_missing(err):
                 raise
     return finals
+
+
+def write_worker_records(workdir: str, version: int, finals: dict[int, dict]) -> None:
+    """One `"split": "worker"` record per worker after the run's last update."""
+    writer = MetricWriter(workdir, version)
+    for worker, final in sorted(finals.items()):
+        writer.write({"split": "worker", "step": version, "worker": worker, **final})
+    writer.close()

@@ -5,21 +5,24 @@ import json
 import os
 import shutil
 
-from lmjax.data.pipelines import LMData
-from lmjax.models import GPTConfig
+from lmjax.data.config import LMDataConfig
+from lmjax.data.pipelines import LMData, load_lm_data
 from lmjax.ps import config as ps_config
 from lmjax.ps.inproc import DELAYS, run_inproc
 from lmjax.ps.policies import POLICIES
-from lmjax.ps.server import LR_SCALINGS, OPTIMIZERS
+from lmjax.ps.server import LR_SCALINGS
 from lmjax.ps.worker import param_shapes
 from lmjax.registry import Registry
+from lmjax.train.optim import OPTIMIZERS
 
 TRANSPORTS: Registry = Registry("transport")
 
 
 @TRANSPORTS.register("inproc")
-def _inproc(*, workdir, model_config, data, dataset_args, config) -> dict:
-    result = run_inproc(workdir=workdir, model_config=model_config, data=data, config=config)
+def _inproc(*, workdir: str, config: ps_config.PSConfig, data: LMData,
+            data_config: LMDataConfig) -> dict:
+    del data_config
+    result = run_inproc(workdir=workdir, config=config, data=data)
     train = [r for r in result.records if r["split"] == "train"]
     summary = {"updates": len(train), "loss": train[-1]["loss"] if train else None,
                "virtual_time": train[-1]["time"] if train else 0.0}
@@ -29,13 +32,14 @@ def _inproc(*, workdir, model_config, data, dataset_args, config) -> dict:
 
 
 @TRANSPORTS.register("jax_distributed")
-def _jax_distributed(*, workdir, model_config, data, dataset_args, config) -> dict:
+def _jax_distributed(*, workdir: str, config: ps_config.PSConfig, data: LMData,
+                     data_config: LMDataConfig) -> dict:
+    del data  # every worker process loads its own
     from lmjax.ps.launch import check_port, supervise
     from lmjax.ps.roles import RunSpec
 
     port = check_port(config.port)
-    spec = RunSpec(os.path.abspath(workdir), dataclasses.asdict(model_config),
-                   dataclasses.asdict(config), dataset_args, f"127.0.0.1:{port}")
+    spec = RunSpec.create(os.path.abspath(workdir), config, data_config, f"127.0.0.1:{port}")
     path = os.path.join(spec.workdir, "ps_spec.json")
     spec.save(path)
     summary = supervise(spec, path)
@@ -43,12 +47,15 @@ def _jax_distributed(*, workdir, model_config, data, dataset_args, config) -> di
     return summary
 
 
-def check(config: ps_config.PSConfig, model_config: GPTConfig) -> None:
+def check(config: ps_config.PSConfig) -> None:
     """Every contradiction in the config is an error here, before any process starts."""
+    if config.model is None:
+        raise ValueError("ps.model is not set; bind a model config, for example "
+                         "ps.model = @GPTConfig() (see configs/ps/)")
     known = {"transport": TRANSPORTS.names(), "policy": POLICIES.names(),
              "optimizer": OPTIMIZERS.names(), "lr_scaling": LR_SCALINGS.names(),
              "delay": DELAYS.names()}
-    ps_config.validate(config, len(param_shapes(model_config)), known)
+    ps_config.validate(config, len(param_shapes(config.model)), known)
 
 
 def _start_over(workdir: str) -> None:
@@ -57,23 +64,29 @@ def _start_over(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     for name in os.listdir(workdir):
         path = os.path.join(workdir, name)
-        if name in ("logs", "metrics.jsonl", "summary.json") or name.startswith("server"):
+        if name in ("logs", "metrics.jsonl", "summary.json", "tensorboard") or \
+                name.startswith("server"):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             else:
                 os.remove(path)
 
 
-def run_ps(*, workdir: str, model_config: GPTConfig, data: LMData, dataset_args: dict,
-           config: ps_config.PSConfig, on_ready=None) -> dict:
-    """Checks the config, then runs the job; metrics go to workdir/metrics.jsonl."""
-    check(config, model_config)
+def run_ps(*, workdir: str, config: ps_config.PSConfig, data_config: LMDataConfig,
+           on_ready=None) -> dict:
+    """Checks the config, then runs the job; metrics go to workdir/metrics.jsonl.
+
+    The model's vocabulary comes from the data's tokenizer (saved in WORKDIR/tokenizer)."""
+    check(config)  # the number of parameter arrays does not depend on the vocabulary
+    data = load_lm_data(**dataclasses.asdict(data_config),
+                        tokenizer_dir=os.path.join(workdir, "tokenizer"))
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, vocab_size=data.tokenizer.vocab_size))
     _start_over(workdir)
     if on_ready is not None:
         on_ready()
-    summary = TRANSPORTS.get(config.transport)(workdir=workdir, model_config=model_config,
-                                               data=data, dataset_args=dataset_args,
-                                               config=config)
+    summary = TRANSPORTS.get(config.transport)(workdir=workdir, config=config, data=data,
+                                               data_config=data_config)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

@@ -17,12 +17,7 @@ import optax
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
 from lmjax.registry import Registry
-
-OPTIMIZERS: Registry = Registry("optimizer")
-OPTIMIZERS.register("sgd")(optax.sgd)
-OPTIMIZERS.register("momentum")(functools.partial(optax.sgd, momentum=0.9))
-OPTIMIZERS.register("adam")(optax.adam)
-OPTIMIZERS.register("adagrad")(optax.adagrad)  # per-parameter learning rates
+from lmjax.train.optim import OPTIMIZERS
 
 LR_SCALINGS: Registry = Registry("lr_scaling")
 LR_SCALINGS.register("fixed")(lambda taus: 1.0)
@@ -40,7 +35,8 @@ def _update(tx, params, opt_state, grads, scale):
 def make_optimizer(name: str, learning_rate: float):
     """(optax transformation, jitted update); cached so simulations with many shards and
     runs compile each shape once."""
-    tx = OPTIMIZERS.get(name)(learning_rate)
+    # No clipping: a shard sees only its part of the gradient, so its norm means nothing.
+    tx = OPTIMIZERS.get(name)(learning_rate, grad_clip=0.0)
     # No donation: in-process workers hold the very arrays they pulled (immutable snapshots).
     return tx, jax.jit(functools.partial(_update, tx))
 

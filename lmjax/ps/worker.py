@@ -1,4 +1,5 @@
-"""A worker: pulls parameters, computes the GPT loss gradient on its data shard, pushes.
+"""A worker: pulls parameters, computes the language-model loss gradient on its data
+shard (through lmjax.train.tasks.LMTask, the trainer's task), pushes.
 
 Worker w reads rows w, w + N, w + 2N, ... of one seeded shuffled stream of training
 windows, `batch_size` rows per step, so at step c the N workers together hold exactly
@@ -10,16 +11,15 @@ import functools
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from lmjax.data.pipelines import Windows
-from lmjax.models import GPT, GPTConfig
 from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
-from lmjax.train.step import lm_loss
+from lmjax.train.state import init_params
+from lmjax.train.tasks import LMTask
 
 
 def _pairs(window: np.ndarray) -> dict[str, np.ndarray]:
@@ -34,37 +34,37 @@ def worker_batches(tokens: np.ndarray, length: int, batch_size: int, num_workers
 
 
 @functools.lru_cache(maxsize=4)
-def _init_fn(model_config: GPTConfig):
-    model = GPT(model_config)
-    tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
-    return jax.jit(lambda key: nn.unbox(model.init(key, tokens)["params"]))
+def _task(model_config) -> LMTask:
+    """The language-model task of `model_config` (a frozen, hashable config): one per
+    config, so simulations with many runs compile each function once."""
+    return LMTask(model_config)
 
 
-def init_params(model_config: GPTConfig, seed: int) -> dict:
-    """Flat {name: numpy array} of a freshly initialised GPT (the same for every process)."""
+@functools.lru_cache(maxsize=4)
+def _init_fn(model_config):
+    task = _task(model_config)
+    return jax.jit(lambda key: nn.unbox(init_params(task, key)))
+
+
+def initial_params(model_config, seed: int) -> dict:
+    """Flat {name: numpy array} of fresh parameters (the same for every process)."""
     return jax.device_get(sharding.flatten(_init_fn(model_config)(jax.random.key(seed))))
 
 
-def param_shapes(model_config: GPTConfig) -> dict[str, tuple[int, ...]]:
+def param_shapes(model_config) -> dict[str, tuple[int, ...]]:
     """Shapes only: traces, so it creates no backend (a supervisor must not have one yet)."""
-    model = GPT(model_config)
-
-    def init():
-        tokens = jnp.zeros((1, model_config.block_size), jnp.int32)
-        return model.init(jax.random.key(0), tokens)["params"]
-
-    boxed = jax.eval_shape(init)
+    task = _task(model_config)
+    boxed = jax.eval_shape(lambda: init_params(task, jax.random.key(0)))
     return {k: tuple(v.shape) for k, v in sharding.flatten(nn.unbox(boxed)).items()}
 
 
 @functools.lru_cache(maxsize=4)
-def make_grad_fn(model_config: GPTConfig):
-    """jit((params, batch) -> (loss, grads)) with the training loss of lmjax/train/step.py."""
-    model = GPT(model_config)
+def make_grad_fn(model_config):
+    """jit((params, batch) -> (loss, grads)) of the task's training loss, without dropout."""
+    task = _task(model_config)
 
     def loss_fn(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
-        return lm_loss(logits, batch["targets"])
+        return task.loss(params, batch, None, None, True)[0]
 
     return jax.jit(jax.value_and_grad(loss_fn))
 

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.models import GPT
-from lmjax.train.step import eval_step
+from lmjax.train.tasks import evaluate
 
 # Dense kernels are (inputs..., outputs...); how many leading axes are inputs, by module.
 KERNEL_IN_AXES = {"qkv": 1, "out": 2, "up": 1, "gate": 1, "down": 1}
@@ -78,17 +77,19 @@ def nbytes(params) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)))
 
 
-def eval_loss(model: GPT, params, batches: list[dict]) -> float:
-    """Mean loss over fixed batches, with (possibly quantised) params dequantised in jit."""
-    fn = jax.jit(lambda p, batch: eval_step(dequantize(p), batch, model=model))
-    return float(np.mean([float(fn(params, batch)) for batch in batches]))
+def eval_loss(task, params, batches: list[dict]) -> float:
+    """The task's eval loss over fixed batches, with (possibly quantised) params
+    dequantised inside the compiled step."""
+    fn = jax.jit(lambda p, batch, carry: task.eval_sums(dequantize(p), batch, carry))
+    rows = len(next(iter(batches[0].values())))
+    return evaluate(task, fn, params, batches, rows)["loss"]
 
 
-def report(model: GPT, params, batches: list[dict]) -> dict:
+def report(task, params, batches: list[dict]) -> dict:
     """Bytes and eval loss of the fp32 parameters and of their int8 quantisation."""
     params = jax.device_get(params)
     qparams = quantize(params)
-    fp32_loss, int8_loss = eval_loss(model, params, batches), eval_loss(model, qparams, batches)
+    fp32_loss, int8_loss = eval_loss(task, params, batches), eval_loss(task, qparams, batches)
     result = {
         "fp32_bytes": nbytes(params),
         "int8_bytes": nbytes(qparams),

@@ -1,48 +1,59 @@
-"""Loading the best checkpoint of a workdir for serving, and the `sample` command."""
+"""Loading a trained language model for serving, and the `sample` command.
+
+Serving reads three things from a workdir: the run's config (config.gin, parsed by the
+CLI), the tokenizer training saved and the best checkpoint's parameters. It reads no
+corpus and builds no optimiser or train step.
+"""
 
 import dataclasses
+import os
 
 import jax
 
-from lmjax.data.pipelines import LMData
-from lmjax.data.tokenizers import Tokenizer
-from lmjax.models import GPT
+from lmjax.data.tokenizers import Tokenizer, load_tokenizer
+from lmjax.models import GPTConfig
+from lmjax.parallel import RULES, make_mesh
 from lmjax.serve.generate import Decoder, SamplingParams, generate
-from lmjax.train.trainer import TrainConfig, eval_set, gpt_task, restore_best
+from lmjax.train.checkpoint import best_params
+from lmjax.train.config import TrainConfig
+from lmjax.train.state import abstract_params
+from lmjax.train.tasks import LMTask
 
 
 @dataclasses.dataclass
 class Loaded:
-    """A trained model ready to serve: float32 parameters on the host and its tokenizer."""
+    """A trained model ready to serve: its task, float32 parameters on the host, the
+    tokenizer and the checkpoint's step."""
 
-    model: GPT
+    task: LMTask
     params: dict
     tokenizer: Tokenizer
     step: int
-    eval_batches: list[dict]  # the fixed eval set training used
 
 
-def load_best(*, workdir: str, model_config, data: LMData, config: TrainConfig, mesh, rules,
-              on_ready=None) -> Loaded:
-    """Runner for `entry.train`: the best checkpoint of workdir, read-only, gathered to host."""
-    del on_ready
-    setup, state, step = restore_best(workdir, model_config, config, mesh, rules)
-    setup.checkpoints.close()
-    params = jax.device_get(state.params)
-    evals = eval_set(gpt_task(model_config, data), config)
-    return Loaded(setup.model, params, data.tokenizer, step, evals)
+def load_best(workdir: str, config: TrainConfig) -> Loaded:
+    """The best checkpoint of `workdir` (trained with `config`), read-only, on the host."""
+    if config.task != "lm" or not isinstance(config.model, GPTConfig):
+        raise ValueError(
+            f"{workdir} trained train.task={config.task!r} with "
+            f"{type(config.model).__name__}; sample and serve need a GPT language model "
+            "(train.model = @GPTConfig(), train.task = 'lm')")
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; is {workdir} a training "
+                                "workdir? (train first with `lmjax train --workdir=...`)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    task = LMTask(dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    params, step = best_params(os.path.abspath(workdir),
+                               abstract_params(task, mesh, RULES.get("data_parallel")))
+    return Loaded(task, jax.device_get(params), tokenizer, step)
 
 
-def sample_best(*, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                seed: int, **runner_args) -> str:
-    """Prints and returns `prompt` continued by the best checkpoint in workdir (KV-cached)."""
-    loaded = load_best(**runner_args)
+def sample(loaded: Loaded, prompt: str, options: SamplingParams) -> str:
+    """`prompt` continued by the loaded model (KV-cached generation)."""
     ids = loaded.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise ValueError("the prompt is empty; give at least one character")
-    options = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k or 0, seed=seed)
-    out = generate(Decoder(loaded.model), loaded.params, [ids], options)[0]
-    text = prompt + loaded.tokenizer.decode(out.tokens)
-    print(text)
-    return text
+    out = generate(Decoder(loaded.task.model), loaded.params, [ids], options)[0]
+    return prompt + loaded.tokenizer.decode(out.tokens)

@@ -264,7 +264,7 @@ def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize:
     from lmjax.serve.scheduler import make_scheduler
 
     params = quant.quantize(loaded.params) if quantize == "int8" else loaded.params
-    decoder = Decoder(loaded.model, prepare=quant.dequantize)
+    decoder = Decoder(loaded.task.model, prepare=quant.dequantize)
     engine = Engine(decoder, params, make_scheduler("fcfs"), slots=slots, max_batch=max_batch,
                     max_jobs=max_jobs, detokenize=lambda ids: loaded.tokenizer.decode(ids))
     engine.warmup()
@@ -274,18 +274,13 @@ def build_engine(loaded, *, slots: int, scheduler: str, max_jobs: int, quantize:
     return engine
 
 
-def serve_best(*, host: str, port: int, api_key: str | None, slots: int, scheduler: str,
-               max_jobs: int, quantize: str, max_batch: int | None = None,
-               **runner_args) -> None:
-    """Runner for `entry.train`: serves the best checkpoint of workdir until interrupted."""
+def serve(loaded, *, name: str, host: str, port: int, api_key: str | None, slots: int,
+          scheduler: str, max_jobs: int, quantize: str, max_batch: int | None = None) -> None:
+    """Serves a loaded model (lmjax.serve.sample.load_best) over HTTP until interrupted."""
     import uvicorn
 
-    from lmjax.serve.sample import load_best
-
-    loaded = load_best(**runner_args)
     engine = build_engine(loaded, slots=slots, scheduler=scheduler, max_jobs=max_jobs,
                           quantize=quantize, max_batch=max_batch)
-    name = runner_args["workdir"].rstrip("/").split("/")[-1] or "lmjax"
     app = create_app(engine, loaded.tokenizer, model_name=name, api_key=api_key)
     print(f"serving {name} (step {loaded.step}, {scheduler}, {slots} slots, {quantize}) on "
           f"http://{host}:{port}/v1", flush=True)

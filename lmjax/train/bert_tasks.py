@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from lmjax.data import bert_data, builders, pipelines
 from lmjax.data.tokenizers import load_tokenizer
-from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
-from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from lmjax.models.bert import BertConfig, BertPretrain
+from lmjax.train.checkpoint import IncompatibleCheckpointError, best_params, flat_shapes
 from lmjax.train.tasks import ClassifyTask, Task
 
 
@@ -48,7 +47,8 @@ class BertPretrainTask(Task):
     """Masked language modelling + next sentence prediction (Devlin et al. 2019)."""
 
     def __init__(self, config: BertConfig, data: bert_data.PretrainData, length: int):
-        self.model, self.data, self.length = BertPretrain(config), data, length
+        self.config, self.data, self.length = config, data, length
+        self.model = BertPretrain(config)
 
     def init_args(self):
         predictions = self.data.mask.max_predictions
@@ -93,25 +93,19 @@ class BertFinetuneTask(ClassifyTask):
     """SST-2-style classification with a BERT whose encoder may come from pretraining."""
 
     def __init__(self, config: BertConfig, data, init_workdir: str | None):
-        super().__init__(BertClassifier(config), data)
-        self.config, self.init_workdir = config, init_workdir
+        super().__init__(config, data)  # config.module() is the BertClassifier
+        self.init_workdir = init_workdir
 
-    def warm_start(self, params, mesh, rules):
+    def warm_start(self, params):
         """Params with the pretrained encoder in place of the fresh one (head stays fresh)."""
         if self.init_workdir is None:
             return params
-        encoder = load_pretrained_encoder(self.init_workdir, params["bert"], mesh)
+        encoder = load_pretrained_encoder(self.init_workdir, params["bert"])
         print(f"fine-tuning from the pretrained encoder in {self.init_workdir}")
         return {**params, "bert": encoder}
 
 
 # --- reading a pretraining checkpoint ----------------------------------------------------
-
-
-def _flat(tree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-            for path, leaf in leaves}
 
 
 def describe(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -148,37 +142,24 @@ def check_encoder(saved: dict, wanted: dict, where: str) -> None:
             "pretraining run (see its config.gin).")
 
 
-def load_pretrained_encoder(workdir: str, target, mesh):
+def load_pretrained_encoder(workdir: str, target):
     """The `bert/...` params of the best (else latest) checkpoint, placed like `target`.
 
-    Reads only the encoder (an orbax partial restore), straight onto the shardings of
-    `target` (the fresh model's encoder), so any mesh can fine-tune any pretraining run.
+    Reads only the encoder, straight onto the shardings of `target` (the fresh model's
+    encoder), so any mesh can fine-tune any pretraining run.
     """
-    del mesh  # the shardings come with `target`
-    workdir = os.path.abspath(workdir)  # orbax restores from absolute paths only
-    step = None
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-        try:
-            step = checkpoints.best_step() or checkpoints.latest_step()
-        finally:
-            checkpoints.close()
-    if step is None:
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(
             f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining first "
             "(configs/experiments/bert_pretrain_offline.gin)")
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    reader = ocp.PyTreeCheckpointer()
-    saved = reader.metadata(path).item_metadata["params"]
-    check_encoder(_flat(saved.get("bert", saved)), _flat(target), workdir)
-    item = {"params": {"bert": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)}}
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-        item)
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    return restored["params"]["bert"]
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+
+    def check(saved: dict) -> None:
+        encoder = {k.removeprefix("bert/"): v for k, v in saved.items() if k.startswith("bert/")}
+        check_encoder(encoder or saved, flat_shapes(target), workdir)
+
+    return best_params(workdir, abstract, "bert", check=check)[0]
 
 
 def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:

@@ -1,17 +1,22 @@
 """Checkpoints through orbax: async, atomic, the last K kept plus the best by eval loss.
 
-A checkpoint holds the train state (params, optimiser state, step, rng), the data
-iterator's state and a small JSON record (best eval so far, model config). Orbax
-writes into a temporary directory and renames it when complete, so a killed run never
-leaves a half-written checkpoint behind; leftovers are removed at the next start.
+A checkpoint holds the train state (step, params, optimiser state, rng, carry), the
+data iterator's state and a small JSON record (`meta`: best eval so far and the
+checkpoint format). Orbax writes into a temporary directory and renames it when
+complete, so a killed run never leaves a half-written checkpoint behind; leftovers are
+removed at the next start. `eval`, `sample`, `serve` and fine-tuning read only the
+parameters (`restore_params`), without an optimiser.
 """
 
-import dataclasses
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+# Written into every checkpoint's meta; checkpoints without it (or with another value)
+# come from an older layout of the train state and are refused with one clear error.
+FORMAT = 2
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -46,7 +51,8 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
         }
         # orbax refuses relative paths when restoring ("Checkpoint path should be absolute").
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -56,64 +62,84 @@ class Checkpointer:
         return self.manager.best_step()
 
     def save(self, step: int, state, data_iter, meta: dict, eval_loss: float | None = None):
+        meta = {**meta, "format": FORMAT}
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = ocp.args.JsonSave(data_iter.get_state())
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
 
-    def check_compatible(self, step: int, abstract_state) -> None:
-        """Raises IncompatibleCheckpointError naming the first parameter whose shape differs."""
-        state = self.manager.item_metadata(step)["state"]
-        mismatch = _first_mismatch(_shapes(state["params"]), _shapes(abstract_state.params))
-        if mismatch:
-            name, saved, wanted = mismatch
+    def read_meta(self, step: int) -> dict:
+        """The step's meta record; raises IncompatibleCheckpointError for older formats."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("format") != FORMAT:
             raise IncompatibleCheckpointError(
-                f"checkpoint step {step} in {self.manager.directory} does not match the "
-                f"configured model: parameter {name} has shape {saved} in the "
-                f"checkpoint but {wanted} in the config. Use a new --workdir or "
-                "the config that wrote this checkpoint (its config.gin)."
-            )
-        self._check_carry(step, state, getattr(abstract_state, "carry", None))
+                f"checkpoint step {step} in {self.directory} was written by an older lmjax "
+                f"(checkpoint format {meta.get('format', 1)}, this version reads {FORMAT}); "
+                "retrain in a new --workdir, or use the lmjax version that wrote it.")
+        return meta
 
-    def _check_carry(self, step: int, state, wanted_carry) -> None:
-        """The carried state (an RNN's, one row per batch row) must match too."""
-        saved_carry = state["carry"] if "carry" in state.keys() else None
-        mismatch = _first_mismatch(_shapes(saved_carry or {}), _shapes(wanted_carry or {}))
+    def check_compatible(self, step: int, abstract_state) -> None:
+        """Raises IncompatibleCheckpointError naming the first parameter (or carried state)
+        whose shape differs from the configured run's."""
+        saved = self.manager.item_metadata(step)["state"]
+        self._check(step, "parameter", saved["params"], abstract_state.params)
+        saved_carry = saved["carry"] if "carry" in saved.keys() else None
+        self._check(step, "carried state", saved_carry, abstract_state.carry,
+                    "(train.batch_size sets its rows)")
+
+    def _check(self, step: int, what: str, saved, wanted, hint: str = "") -> None:
+        mismatch = _first_mismatch(flat_shapes(saved or {}), flat_shapes(wanted or {}))
         if mismatch:
-            name, saved, wanted = mismatch
+            name, have, want = mismatch
             raise IncompatibleCheckpointError(
-                f"checkpoint step {step} in {self.manager.directory} does not match the "
-                f"configured run: carried state {name or 'carry'} has shape "
-                f"{saved} in the checkpoint but {wanted} in the config "
-                "(train.batch_size sets its rows). Resume with the config that wrote it "
-                "(its config.gin) or use a new --workdir."
-            )
+                f"checkpoint step {step} in {self.directory} does not match the configured "
+                f"run: {what} {name} has shape {have} in the checkpoint but {want} in the "
+                f"config {hint}. Use a new --workdir or the config that wrote this checkpoint "
+                "(its config.gin).".replace("  ", " "))
 
     def restore(self, step: int, abstract_state, data_iter=None):
-        """Restores onto the shardings carried by `abstract_state` (any mesh)."""
+        """(state, meta) of `step`, placed on the shardings carried by `abstract_state`."""
+        meta = self.read_meta(step)
         self.check_compatible(step, abstract_state)
-        target = self._restore_target(step, abstract_state)
-        args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         if data_iter is not None:
             data_iter.set_state(restored["data"])
-        state = restored["state"]
-        if target is not abstract_state:
-            state = abstract_state.replace(**state)
-        return state, restored["meta"]
+        return restored["state"], meta
 
-    def _restore_target(self, step: int, abstract_state):
-        """Checkpoints written before states had a `carry` field lack its entry; orbax
-        refuses a target with an extra entry, so such a state (with nothing to carry)
-        restores through a dict of the other fields."""
-        saved = self.manager.item_metadata(step)["state"]
-        if getattr(abstract_state, "carry", 0) is None and "carry" not in saved.keys():
-            return {f.name: getattr(abstract_state, f.name)
-                    for f in dataclasses.fields(abstract_state) if f.name != "carry"}
-        return abstract_state
+    def param_shapes(self, step: int, subtree: str | None = None) -> dict:
+        """{'block0/attn/qkv/kernel': shape} of the saved parameters (or their subtree)."""
+        saved = self.manager.item_metadata(step)["state"]["params"]
+        if subtree is not None:
+            saved = saved[subtree] if subtree in saved.keys() else {}
+        return flat_shapes(saved)
+
+    def restore_params(self, step: int, abstract_params, subtree: str | None = None):
+        """Only the parameters of `step` (or their `subtree`, e.g. BERT's encoder "bert"),
+        placed like `abstract_params` (ShapeDtypeStructs with shardings): no optimiser
+        state is read, so any mesh and any optimiser can use them."""
+        self.read_meta(step)
+        mismatch = _first_mismatch(self.param_shapes(step, subtree),
+                                   flat_shapes(abstract_params))
+        if mismatch:
+            name, have, want = mismatch
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the configured "
+                f"model: parameter {name} has shape {have} in the checkpoint but {want} in "
+                "the config. Use the config that wrote it (its config.gin).")
+        wanted = abstract_params if subtree is None else {subtree: abstract_params}
+        item = {"params": wanted}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                           dtype=x.dtype), item)
+        path = os.path.join(self.directory, str(step), "state")
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))["params"]
+        return restored if subtree is None else restored[subtree]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -122,12 +148,30 @@ class Checkpointer:
         self.manager.close()
 
 
+def best_params(workdir: str, abstract_params, subtree: str | None = None, check=None):
+    """(params, step) of the best checkpoint in `workdir` (the latest if none has an eval).
+
+    `check(shapes of all saved parameters)` may raise a more specific error before
+    anything is read."""
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        step = checkpoints.best_step() or checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {checkpoints.directory}; train first with "
+                f"`lmjax train --workdir={workdir} --gin_file=...`")
+        if check is not None:
+            check(checkpoints.param_shapes(step))
+        return checkpoints.restore_params(step, abstract_params, subtree), step
+    finally:
+        checkpoints.close()
+
+
 def as_abstract(tree, shardings):
     """ShapeDtypeStructs carrying target shardings, for restoring onto a mesh."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
 
 
 def _first_mismatch(saved: dict, wanted: dict) -> tuple | None:
@@ -138,7 +182,7 @@ def _first_mismatch(saved: dict, wanted: dict) -> tuple | None:
     return None
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{'block0/attn/qkv/kernel': shape} for every array-like leaf."""
 
     def name(path) -> str:

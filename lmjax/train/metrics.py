@@ -10,10 +10,12 @@ from tensorboardX import SummaryWriter
 class MetricWriter:
     """Appends records; on resume, drops records newer than the restored checkpoint.
 
-    That keeps `metrics.jsonl` equal to an uninterrupted run's after a killed run resumes.
+    That keeps `metrics.jsonl` equal to an uninterrupted run's after a killed run resumes
+    (for the trainer and for a restarted parameter-server shard alike).
     """
 
     def __init__(self, workdir: str, resume_step: int | None):
+        os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._truncate(resume_step or 0)
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -52,8 +54,3 @@ def rewrite_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -1,4 +1,10 @@
-"""Optimiser and learning-rate schedule (nanoGPT's recipe on optax)."""
+"""Optimisers and the learning-rate schedule (nanoGPT's recipe on optax).
+
+`OPTIMIZERS` is the one registry of optimisers, used by the trainer (`train.optimizer`)
+and the parameter-server shards (`ps.optimizer`). Every entry takes the learning rate (a
+number or an optax schedule) and the keywords beta1, beta2, weight_decay and grad_clip;
+an entry ignores the ones it has no use for (its docstring says which).
+"""
 
 from collections.abc import Callable
 
@@ -28,30 +34,23 @@ def decay_mask(params):
     """Weight decay on matrices only: kernels and embeddings, not biases or norm scales."""
 
     def is_matrix(path, _):
-        names = {getattr(key, "key", None) for key in path}
+        # Nested dicts, or the flat "block0/attn/qkv/kernel" names of parameter shards.
+        names = {part for key in path for part in str(getattr(key, "key", "")).split("/")}
         return bool(names & {"kernel", "embedding", "wpe"})
 
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def adamw(
-    schedule: optax.Schedule,
-    *,
-    beta1: float = 0.9,
-    beta2: float = 0.95,
-    weight_decay: float = 0.1,
-    grad_clip: float = 1.0,
-) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (skipped when grad_clip <= 0)."""
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts.append(
-        optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=decay_mask)
-    )
-    return optax.chain(*parts)
-
-
 def _clip(grad_clip: float) -> list[optax.GradientTransformation]:
+    """Global-norm clipping, or nothing when grad_clip <= 0."""
     return [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+
+
+def adamw(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.95,
+          weight_decay: float = 0.1, grad_clip: float = 1.0) -> optax.GradientTransformation:
+    """AdamW, weight decay on matrices only (`decay_mask`), with global-norm clipping."""
+    return optax.chain(*_clip(grad_clip), optax.adamw(
+        schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=decay_mask))
 
 
 def rmsprop(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.95,
@@ -72,7 +71,28 @@ def adam(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.999,
     return optax.chain(*_clip(grad_clip), optax.adam(schedule, b1=beta1, b2=beta2))
 
 
+def sgd(schedule: optax.Schedule, *, beta1: float = 0.0, beta2: float = 0.0,
+        weight_decay: float = 0.0, grad_clip: float = 0.0) -> optax.GradientTransformation:
+    """Plain SGD; no betas or weight decay."""
+    del beta1, beta2, weight_decay
+    return optax.chain(*_clip(grad_clip), optax.sgd(schedule))
+
+
+def momentum(schedule: optax.Schedule, *, beta1: float = 0.9, beta2: float = 0.0,
+             weight_decay: float = 0.0, grad_clip: float = 0.0) -> optax.GradientTransformation:
+    """SGD with heavy-ball momentum `beta1`."""
+    del beta2, weight_decay
+    return optax.chain(*_clip(grad_clip), optax.sgd(schedule, momentum=beta1))
+
+
+def adagrad(schedule: optax.Schedule, *, beta1: float = 0.0, beta2: float = 0.0,
+            weight_decay: float = 0.0, grad_clip: float = 0.0) -> optax.GradientTransformation:
+    """Adagrad (per-parameter learning rates); no betas or weight decay."""
+    del beta1, beta2, weight_decay
+    return optax.chain(*_clip(grad_clip), optax.adagrad(schedule))
+
+
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
-OPTIMIZERS.register("adamw")(adamw)
-OPTIMIZERS.register("adam")(adam)
-OPTIMIZERS.register("rmsprop")(rmsprop)
+for _name, _make in (("adamw", adamw), ("adam", adam), ("rmsprop", rmsprop), ("sgd", sgd),
+                     ("momentum", momentum), ("adagrad", adagrad)):
+    OPTIMIZERS.register(_name)(_make)

@@ -1,4 +1,10 @@
-"""The training state pytree and its creation, already sharded on a mesh."""
+"""The training state pytree of a task and its creation, already sharded on a mesh.
+
+One way for every caller: `state_shardings` gives the abstract state and its
+NamedShardings from the logical axis names (nothing allocated), `create_state` makes the
+state with `jax.jit(init, out_shardings=...)` so parameters are born sharded, and
+`abstract_params` gives the parameters alone (eval and serving read nothing else).
+"""
 
 from typing import Any
 
@@ -10,6 +16,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmjax.parallel.rules import logical_to_shardings, strip_boxes
+from lmjax.train.checkpoint import as_abstract
 
 
 @struct.dataclass
@@ -21,8 +28,7 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
     # State carried from one batch to the next (an RNN's hidden state in truncated
-    # BPTT), leaves shaped (batch, ...); None for tasks that carry nothing (checkpoints
-    # from before this field existed still restore, see Checkpointer.restore).
+    # BPTT), leaves shaped (batch, ...); None for tasks that carry nothing.
     carry: Any = None
 
 
@@ -32,25 +38,25 @@ def _batch_partitioned(carry):
         lambda x: nn.LogicallyPartitioned(x, names=("batch",) + (None,) * (x.ndim - 1)), carry)
 
 
-def _task_init_fn(model: nn.Module, tx: optax.GradientTransformation, init_args, carry_fn):
+def init_params(task, key: jax.Array):
+    """The task's freshly initialised parameters (boxed with their logical axis names)."""
+    return task.model.init(key, *task.init_args())["params"]
+
+
+def _init_fn(task, tx: optax.GradientTransformation, batch_size: int):
     def init(seed: jax.Array) -> TrainState:
-        key = jax.random.key(seed)
-        init_key, train_key = jax.random.split(key)
-        params = model.init(init_key, *init_args)["params"]
-        carry = None if carry_fn is None else _batch_partitioned(carry_fn())
+        init_key, train_key = jax.random.split(jax.random.key(seed))
+        params = init_params(task, init_key)
+        carry = task.init_carry(batch_size)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(train_key),
-            carry=carry,
+            carry=None if carry is None else _batch_partitioned(carry),
         )
 
     return init
-
-
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
-    return _task_init_fn(model, tx, (jnp.zeros((1, seq_len), jnp.int32),), None)
 
 
 def _shardings_of(init, mesh: Mesh, rules):
@@ -58,36 +64,22 @@ def _shardings_of(init, mesh: Mesh, rules):
     return strip_boxes(boxed), logical_to_shardings(boxed, mesh, rules)
 
 
-def _create(init, shardings, seed: int, mesh: Mesh, rules) -> TrainState:
+def state_shardings(task, tx, batch_size: int, mesh: Mesh, rules):
+    """(abstract unboxed state, NamedShardings); the carry (if any) has `batch_size` rows."""
+    return _shardings_of(_init_fn(task, tx, batch_size), mesh, rules)
+
+
+def create_state(task, tx, batch_size: int, seed: int, mesh: Mesh, rules) -> TrainState:
+    """The initial state of `seed`, created already sharded on `mesh`."""
+    init = _init_fn(task, tx, batch_size)
+    _, shardings = _shardings_of(init, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
         fn = jax.jit(lambda s: nn.unbox(init(s)), in_shardings=replicated, out_shardings=shardings)
         return fn(jnp.asarray(seed, jnp.uint32))
 
 
-def state_shardings(model, tx, seq_len: int, mesh: Mesh, rules):
-    """(abstract unboxed state, NamedShardings) from logical axis names, without allocating."""
-    return _shardings_of(_init_fn(model, tx, seq_len), mesh, rules)
-
-
-def create_state(model, tx, seq_len: int, seed: int, mesh: Mesh, rules) -> TrainState:
-    """Parameters are created already sharded: jit(init) with out_shardings from the rules."""
-    _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
-    return _create(_init_fn(model, tx, seq_len), shardings, seed, mesh, rules)
-
-
-def task_init_fn(task, tx, batch_size: int):
-    """The init function of a task's state; the carry (if any) is for `batch_size` rows."""
-    carry = task.init_carry(batch_size)
-    carry_fn = None if carry is None else (lambda: task.init_carry(batch_size))
-    return _task_init_fn(task.model, tx, task.init_args(), carry_fn)
-
-
-def task_state_shardings(task, tx, batch_size: int, mesh: Mesh, rules):
-    """`state_shardings` for any task: params from its init args, carry over `batch`."""
-    return _shardings_of(task_init_fn(task, tx, batch_size), mesh, rules)
-
-
-def create_task_state(task, tx, batch_size: int, seed: int, mesh: Mesh, rules) -> TrainState:
-    _, shardings = task_state_shardings(task, tx, batch_size, mesh, rules)
-    return _create(task_init_fn(task, tx, batch_size), shardings, seed, mesh, rules)
+def abstract_params(task, mesh: Mesh, rules):
+    """The task's parameters as ShapeDtypeStructs carrying their shardings on `mesh`."""
+    boxed = jax.eval_shape(lambda: init_params(task, jax.random.key(0)))
+    return as_abstract(strip_boxes(boxed), logical_to_shardings(boxed, mesh, rules))

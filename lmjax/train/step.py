@@ -1,4 +1,4 @@
-"""Loss, training step (with gradient accumulation) and evaluation step.
+"""The training step, with gradient accumulation over microbatches.
 
 The step is generic over a task (lmjax/train/tasks.py): the task computes the loss and
 its metrics and may hand a carried state (an RNN's hidden state) to the next batch.
@@ -9,21 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
 
 from lmjax.train.state import TrainState
-
-
-def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross entropy. logits: (batch, length, vocab); targets: (batch, length)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
-def _loss_fn(model: nn.Module, params, batch, rng, deterministic: bool) -> jax.Array:
-    rngs = None if rng is None else {"dropout": rng}
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                         rngs=rngs)
-    return lm_loss(logits, batch["targets"])
 
 
 def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
@@ -67,7 +54,7 @@ def _grads(task, params, batch, carry, rng, num_micro: int, deterministic: bool)
     return (loss, (metrics, jax.tree.map(_join_micro, carries))), grads
 
 
-def task_train_step(
+def train_step(
     state: TrainState,
     batch: dict,
     *,
@@ -91,31 +78,3 @@ def task_train_step(
     }
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=carry)
     return new, metrics
-
-
-class _ModelLM:
-    """The LM loss of a bare GPT module, for `train_step(model=...)` callers."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def loss(self, params, batch, carry, rng, deterministic):
-        return _loss_fn(self.model, params, batch, rng, deterministic), ({}, carry)
-
-
-def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, num_micro: int = 1,
-               deterministic: bool = False) -> tuple[TrainState, dict]:
-    """`task_train_step` for a GPT module trained on next-token prediction."""
-    return task_train_step(state, batch, task=_ModelLM(model), tx=tx, schedule=schedule,
-                           num_micro=num_micro, deterministic=deterministic)
-
-
-def eval_step(params, batch: dict, *, model: nn.Module) -> jax.Array:
-    """Mean loss of one batch, deterministic (no dropout)."""
-    return _loss_fn(model, params, batch, None, deterministic=True)
-
-
-def task_eval_step(params, batch: dict, carry, *, task) -> tuple[dict, object]:
-    """The task's eval sums of one batch and the carry for the next."""
-    return task.eval_sums(params, batch, carry)

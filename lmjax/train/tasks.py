@@ -1,14 +1,15 @@
 """Tasks: what the one trainer needs to know about a model family and its data.
 
-A task bundles the Flax module, the arguments that initialise it, the loss (with
-metrics), an evaluation step that returns *sums* (so metrics over many batches are
-exact, e.g. accuracy and F1 over the whole dev set), the input pipelines and an
-optional carried state: an RNN's hidden state handed from one training batch to the
+A task bundles the model config and its Flax module, the arguments that initialise it,
+the loss (with metrics), an evaluation step that returns *sums* (so metrics over many
+batches are exact, e.g. accuracy and F1 over the whole dev set), the input pipelines and
+an optional carried state: an RNN's hidden state handed from one training batch to the
 next (truncated BPTT). The trainer stores that carry in the train state, so it is
 sharded with the batch and checkpointed, and a resumed run continues exactly.
 
-Gin picks a task by name with `train.task` (entry.py's TASKS registry builds it with
-its data and model).
+Every user of a model goes through a task: the trainer, `bench`, `eval`, the serving
+stack and the parameter-server workers. `train.task` picks one by name
+(lmjax/train/registry.py builds it with its data).
 """
 
 import abc
@@ -19,16 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.sharding import NamedSharding
 
 from lmjax.data import pipelines
+from lmjax.parallel.mesh import to_global
 
 Batch = dict[str, Any]
 Carry = Any  # a pytree whose leaves have the batch as leading axis, or None
 
 
 class Task(abc.ABC):
-    """The interface the trainer uses."""
+    """The interface the trainer uses. `data` may be None where only the model is needed
+    (serving, parameter shapes); the input pipelines then cannot be used."""
 
+    config: Any  # the model config, with the sizes the data decided (vocabulary, classes)
     model: nn.Module
     throughput_key: str = "tokens_per_sec"  # name of the train record's items/s field
 
@@ -69,9 +74,9 @@ class Task(abc.ABC):
     def items_per_step(self, batch_size: int) -> int:
         """Tokens (or examples) one step of `batch_size` rows trains on."""
 
-    def warm_start(self, params, mesh, rules):
-        """Params of a fresh run before its first step (fine-tuning loads pretrained ones)."""
-        del mesh, rules
+    def warm_start(self, params):
+        """Params of a fresh run before its first step (fine-tuning loads pretrained ones);
+        `params` are already placed on the mesh."""
         return params
 
 
@@ -80,10 +85,15 @@ def _rngs(rng) -> dict | None:
 
 
 class LMTask(Task):
-    """Next-token prediction on random windows of a token stream (the GPT recipe)."""
+    """Next-token prediction on random windows of a token stream (the GPT recipe).
 
-    def __init__(self, model: nn.Module, data: pipelines.LMData, length: int):
-        self.model, self.data, self.length = model, data, length
+    The model config needs `block_size` (the window length); its module maps tokens
+    (batch, length) to logits (batch, length, vocab).
+    """
+
+    def __init__(self, config, data: pipelines.LMData | None = None):
+        self.config, self.data = config, data
+        self.model, self.length = config.module(), config.block_size
 
     def init_args(self):
         return (jnp.zeros((1, self.length), jnp.int32),)
@@ -144,8 +154,8 @@ class ClassifyTask(Task):
 
     throughput_key = "examples_per_sec"
 
-    def __init__(self, model: nn.Module, data: pipelines.ClassificationData):
-        self.model, self.data = model, data
+    def __init__(self, config, data: pipelines.ClassificationData):
+        self.config, self.data, self.model = config, data, config.module()
 
     def init_args(self):
         length = self.data.max_length
@@ -192,6 +202,27 @@ def add_sums(total: dict | None, sums: dict) -> dict:
     return {k: total[k] + sums[k] for k in total}
 
 
+def evaluate(task: Task, eval_fn, params, batches: list[dict], batch_size: int,
+             sharding: NamedSharding | None = None) -> dict:
+    """The task's eval metrics over `batches` (sums added on the host in float64).
+
+    `eval_fn(params, batch, carry) -> (sums, carry)`; with `sharding`, batches and the
+    carry are placed on its mesh."""
+    carry = task.eval_carry(batch_size)
+    if sharding is not None:
+        carry = jax.device_put(carry, sharding)
+    pending, total = [], None
+    for batch in batches:
+        batch = batch if sharding is None else to_global(batch, sharding)
+        sums, carry = eval_fn(params, batch, carry)
+        pending.append(sums)
+        if len(pending) > 1:  # at most two in flight, as in the training loop
+            jax.block_until_ready(pending[-2])
+    for sums in jax.device_get(pending):
+        total = add_sums(total, sums)
+    return task.finish_eval(total)
+
+
 class StreamLMTask(Task):
     """Language modelling with truncated BPTT: each batch row is a contiguous stream.
 
@@ -202,9 +233,11 @@ class StreamLMTask(Task):
     held-out stream the same way, carrying the state across its fixed batches.
     """
 
-    def __init__(self, model: nn.Module, data: pipelines.LMData, length: int, zero_carry):
-        self.model, self.data, self.length = model, data, length
-        self.zero_carry = zero_carry  # batch -> carry of zeros
+    def __init__(self, config, data: pipelines.LMData | None = None):
+        """`config` needs `block_size` and `zero_carry(batch)`, the carry of zeros."""
+        self.config, self.data = config, data
+        self.model, self.length = config.module(), config.block_size
+        self.zero_carry = config.zero_carry
 
     def init_args(self):
         return (jnp.zeros((1, self.length), jnp.int32), self.zero_carry(1),

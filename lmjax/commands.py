@@ -1,0 +1,110 @@
+"""One function per CLI command; each imports only its own stack.
+
+`train`, `eval` and `bench` build the task with its data; `sample` and `serve` read the
+run's config, tokenizer and best parameters only (no corpus, optimiser or train step);
+`ps` runs the parameter server. Every function takes the parsed command line after gin
+has been parsed (lmjax/main.py) and turns the bindings into config objects with
+`configs.bound`.
+"""
+
+import argparse
+import os
+import tempfile
+
+from lmjax import configs
+from lmjax.data.config import LMDataConfig
+from lmjax.errors import RunError
+from lmjax.parallel.mesh import MeshConfig
+from lmjax.ps.config import PSConfig
+from lmjax.train.config import TrainConfig
+
+
+def write_config(workdir: str) -> None:
+    """Saves the parsed gin config as WORKDIR/config.gin (atomically)."""
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, "config.gin.tmp")
+    with open(tmp, "w") as f:
+        f.write(configs.config_text())
+    os.replace(tmp, os.path.join(workdir, "config.gin"))
+
+
+def build_task(config: TrainConfig, workdir: str):
+    """The task `train.task` names, with its data (the tokenizer lives in WORKDIR)."""
+    from lmjax.train.registry import TASKS
+
+    config.check_model()
+    builder = TASKS.get(config.task)
+    return builder.build(config.model, configs.bound(builder.data), workdir)
+
+
+def _run_parts():
+    """(train config, mesh, rules); the mesh first, as it may set the CPU device count."""
+    mesh, rules = configs.bound(MeshConfig).build()
+    return configs.bound(TrainConfig), mesh, rules
+
+
+def train(args: argparse.Namespace) -> dict:
+    from lmjax.train import trainer
+
+    config, mesh, rules = _run_parts()
+    task = build_task(config, args.workdir)
+    return trainer.train(task=task, config=config, mesh=mesh, rules=rules,
+                         workdir=args.workdir, on_ready=lambda: write_config(args.workdir))
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from lmjax.train import trainer
+
+    config, mesh, rules = _run_parts()
+    task = build_task(config, args.workdir)
+    return trainer.evaluate_best(task=task, config=config, mesh=mesh, rules=rules,
+                                 workdir=args.workdir)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    from lmjax.train.bench import benchmark
+
+    config, mesh, rules = _run_parts()
+    with tempfile.TemporaryDirectory(prefix="lmjax-bench-") as scratch:  # DIR stays untouched
+        task = build_task(config, scratch)
+        return benchmark(task=task, config=config, mesh=mesh, rules=rules,
+                         steps=args.bench_steps, name=args.workdir)
+
+
+def sample(args: argparse.Namespace) -> str:
+    from lmjax.serve import sample as sampling
+    from lmjax.serve.generate import SamplingParams
+
+    loaded = sampling.load_best(args.workdir, configs.bound(TrainConfig))
+    options = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k or 0, seed=args.seed)
+    text = sampling.sample(loaded, args.prompt, options)
+    print(text)
+    return text
+
+
+def serve(args: argparse.Namespace) -> None:
+    try:
+        from lmjax.serve import server
+    except ImportError as err:
+        raise RunError(f"`lmjax serve` needs the HTTP serving packages, and {err.name} is "
+                       "missing: pip install -e '.[serve]' (requirements.txt has them)") from err
+    from lmjax.serve.sample import load_best
+
+    loaded = load_best(args.workdir, configs.bound(TrainConfig))
+    name = os.path.basename(os.path.abspath(args.workdir)) or "lmjax"
+    server.serve(loaded, name=name, host=args.host, port=args.port, api_key=args.api_key,
+          slots=args.slots, scheduler=args.scheduler, max_jobs=args.max_queue,
+          quantize=args.quantize, max_batch=args.max_batch)
+
+
+def ps(args: argparse.Namespace) -> dict:
+    from lmjax.ps.run import run_ps
+
+    return run_ps(workdir=args.workdir, config=configs.bound(PSConfig),
+                  data_config=configs.bound(LMDataConfig),
+                  on_ready=lambda: write_config(args.workdir))
+
+
+COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "ps": ps,
+            "serve": serve}

@@ -1,0 +1,57 @@
+"""Data configurations; gin binds them as `dataset`, `classify_dataset`, `pretrain_data`
+and `finetune` (for example `dataset.name = 'tiny_shakespeare'`)."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDataConfig:
+    """Token streams of a single-document tfds dataset (lmjax.data.pipelines.load_lm_data)."""
+
+    name: str = "tiny_shakespeare"
+    tokenizer: str = "char"  # or "sentencepiece"
+    vocab_size: int | None = None  # sentencepiece only
+    tfds_dir: str | None = None  # default: $LMJAX_TFDS_DIR, else ~/tensorflow_datasets
+    manual_dir: str | None = None  # default: $LMJAX_DATA_DIR/<corpus folder>
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyDataConfig:
+    """Padded examples of a text classification dataset (train and dev splits)."""
+
+    name: str = "sst2"
+    tokenizer: str = "sentencepiece"
+    vocab_size: int | None = 8000
+    max_length: int = 64
+    lowercase: bool = False
+    tfds_dir: str | None = None
+    manual_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainDataConfig:
+    """BERT pretraining examples (NSP pairs, MLM masks) of offline tfds corpora."""
+
+    sources: tuple[str, ...] = ("wikitext2", "tiny_shakespeare", "sst2")
+    vocab_size: int = 8000
+    max_seq_len: int = 128
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 5
+    seed: int = 12345
+    limit: int | None = None  # first documents of each source only (tests)
+    tfds_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """SST-2 for a BERT with the vocabulary of the pretraining run in `init_workdir`.
+
+    With `init_params` the encoder starts from that run's best checkpoint; without, from
+    a random initialisation (the same model trained from scratch, for comparison).
+    """
+
+    init_workdir: str | None = None
+    init_params: bool = True
+    max_length: int = 64
+    limit: int | None = None  # first training sentences only (tests)
+    tfds_dir: str | None = None

@@ -1,0 +1,60 @@
+"""The training run's configuration (gin binds it as `train`: `train.batch_size = 64`)."""
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: Any = None  # a registered model config, e.g. GPTConfig() (lmjax.models.MODELS)
+    task: str = "lm"  # a name in lmjax.train.registry.TASKS
+    num_steps: int = 5000
+    batch_size: int = 64  # global, over all devices and processes
+    learning_rate: float = 1e-3  # peak
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # defaults to num_steps
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    microbatches: int = 1
+    # Optimiser steps per compiled call: a lax.scan over that many batches pays the
+    # call's fixed host cost (dispatch, placing the batch, the wait) once for all of them.
+    steps_per_call: int = 1
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int = 200
+    eval_batch_size: int | None = None  # defaults to batch_size
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    optimizer: str = "adamw"  # a name in lmjax.train.optim.OPTIMIZERS
+
+    @property
+    def eval_rows(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+    def check_model(self) -> None:
+        if self.model is None:
+            raise ValueError("train.model is not set; bind a model config, for example "
+                             "train.model = @GPTConfig() (see configs/models/)")
+
+    def validate(self, parallelism: int) -> None:
+        """Raises ValueError naming the binding to change; parallelism = data * fsdp."""
+        self.check_model()
+        positive = ("num_steps", "batch_size", "microbatches", "steps_per_call", "log_every",
+                    "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.microbatches={self.microbatches}")
+        for rows, what in ((self.batch_size // self.microbatches, "microbatch"),
+                           (self.eval_rows, "eval batch")):
+            if rows % parallelism:
+                raise ValueError(
+                    f"a {what} of {rows} rows does not divide over data*fsdp={parallelism} "
+                    "devices; change train.batch_size, train.microbatches, "
+                    "train.eval_batch_size or the mesh")

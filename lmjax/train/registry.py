@@ -1,0 +1,96 @@
+"""`TASKS`: `train.task` name -> how to build that task with its data.
+
+A builder reads one data config (gin binds it under its own name: `dataset`,
+`classify_dataset`, `pretrain_data`, `finetune`), loads the data, gives the model config
+the sizes the data decides (vocabulary, classes) and returns the task. The tokenizer is
+saved to (or reused from) WORKDIR/tokenizer, so a resumed run, `eval`, `sample` and
+`serve` encode exactly as training did.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lmjax.data import bert_data, pipelines
+from lmjax.data.config import ClassifyDataConfig, FinetuneConfig, LMDataConfig, PretrainDataConfig
+from lmjax.models import BertConfig
+from lmjax.registry import Registry
+from lmjax.train import bert_tasks, tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBuilder:
+    data: type  # the data config class this task reads
+    build: Callable[[Any, Any, str], tasks.Task]  # (model config, data config, workdir)
+
+
+TASKS: Registry[TaskBuilder] = Registry("task")
+
+
+def tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tokenizer")
+
+
+def lm_data(config: LMDataConfig, workdir: str) -> pipelines.LMData:
+    return pipelines.load_lm_data(**dataclasses.asdict(config),
+                                  tokenizer_dir=tokenizer_dir(workdir))
+
+
+def _lm(model, config: LMDataConfig, workdir: str) -> tasks.Task:
+    data = lm_data(config, workdir)
+    return tasks.LMTask(dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size), data)
+
+
+def _stream(model, config: LMDataConfig, workdir: str) -> tasks.Task:
+    """Truncated BPTT over contiguous streams; the model config needs `zero_carry(batch)`."""
+    data = lm_data(config, workdir)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
+    return tasks.StreamLMTask(model, data)
+
+
+def _classify(model, config: ClassifyDataConfig, workdir: str) -> tasks.Task:
+    data = pipelines.load_classification_data(**dataclasses.asdict(config),
+                                              tokenizer_dir=tokenizer_dir(workdir))
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                num_classes=data.num_classes)
+    return tasks.ClassifyTask(model, data)
+
+
+def _require_bert(model, task: str) -> None:
+    if not isinstance(model, BertConfig):
+        raise ValueError(f"train.task={task!r} needs train.model = @BertConfig(), got "
+                         f"{type(model).__name__}")
+
+
+def _bert_pretrain(model, config: PretrainDataConfig, workdir: str) -> tasks.Task:
+    _require_bert(model, "bert_pretrain")
+    pairs = bert_data.PairConfig(config.max_seq_len, config.short_seq_prob, config.dupe_factor)
+    data = bert_data.load_pretrain_data(
+        sources=tuple(config.sources), vocab_size=config.vocab_size, pairs=pairs,
+        seed=config.seed, limit=config.limit, tfds_dir=config.tfds_dir,
+        tokenizer_dir=tokenizer_dir(workdir))
+    length = data.train.tokens.shape[1]
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                max_len=max(model.max_len, length))
+    return bert_tasks.BertPretrainTask(model, data, length)
+
+
+def _bert_finetune(model, config: FinetuneConfig, workdir: str) -> tasks.Task:
+    """SST-2 with the pretraining run's vocabulary; its encoder too with `init_params`."""
+    _require_bert(model, "bert_finetune")
+    init_dir = config.init_workdir and tokenizer_dir(config.init_workdir)
+    tokenizer = bert_tasks.finetune_tokenizer(tokenizer_dir(workdir), init_dir)
+    data = bert_tasks.finetune_data(tokenizer, config.max_length, config.tfds_dir, config.limit)
+    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                                num_classes=data.num_classes,
+                                max_len=max(model.max_len, data.max_length))
+    init_workdir = config.init_workdir if config.init_params else None
+    return bert_tasks.BertFinetuneTask(model, data, init_workdir)
+
+
+TASKS.register("lm")(TaskBuilder(LMDataConfig, _lm))
+TASKS.register("lm_stream")(TaskBuilder(LMDataConfig, _stream))
+TASKS.register("classify")(TaskBuilder(ClassifyDataConfig, _classify))
+TASKS.register("bert_pretrain")(TaskBuilder(PretrainDataConfig, _bert_pretrain))
+TASKS.register("bert_finetune")(TaskBuilder(FinetuneConfig, _bert_finetune))
