@@ -294,11 +294,6 @@ class SentencePieceTokenizer(Tokenizer):
         return np.asarray(ids, dtype=np.int32)
 
     @property
-    def model_proto(self) -> bytes:
-        """The serialized model, exactly as written to spm.model."""
-        return self._proto
-
-    @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
