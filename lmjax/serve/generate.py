@@ -8,7 +8,6 @@ seeds, so prompts of different lengths generate together; the serving engine
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -247,9 +246,3 @@ class _RowState:
                 text = self.detokenize(tokens)
             results.append(Generation(tokens, text, self.reason[b]))
         return results
-
-
-@functools.lru_cache(maxsize=8)
-def decoder_for(model: GPT) -> Decoder:
-    """One Decoder (and its compiled functions) per model config."""
-    return Decoder(model)
