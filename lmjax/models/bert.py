@@ -46,6 +46,7 @@ class BertConfig(layers.DerivedSizes):
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"  # compute dtype; parameters stay float32
     vocab_multiple: int = 64  # padded vocabulary, as in GPTConfig
+    attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
 
     def module(self) -> nn.Module:
         return BertClassifier(self)
@@ -65,6 +66,12 @@ class BertConfig(layers.DerivedSizes):
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
+        if self.attention not in layers.ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; use one of "
+                             f"{', '.join(layers.ATTENTION_CHOICES)}")
+        if not (0 <= self.dropout < 1 and 0 <= self.attention_dropout < 1):
+            raise ValueError(f"dropout={self.dropout} and attention_dropout="
+                             f"{self.attention_dropout} must lie in [0, 1)")
 
 
 def _layer_norm(c: BertConfig, name: str) -> nn.LayerNorm:
@@ -90,21 +97,13 @@ class SelfAttention(nn.Module):
                      "qkv")(x)  # (batch, length, 3, heads, head_dim)
         names = ("batch", "length", "act_heads", None)
         q, k, v = (layers.constrain(qkv[:, :, i], names) for i in range(3))
-        if c.attention_dropout > 0 and not deterministic:
-            y = self._dropped_attention(q, k, v, mask)
-        else:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (batch, length, heads, hd)
+        dropout = c.attention_dropout > 0 and not deterministic
+        y = layers.dot_product_attention(
+            q, k, v, mask=mask, implementation=c.attention, dropout_rate=c.attention_dropout,
+            dropout_rng=self.make_rng("dropout") if dropout else None,
+        )  # (batch, length, heads, head_dim)
         y = _dense(c, (c.embed_dim,), ("heads", "head_dim", "embed"), "out", in_axes=2)(y)
         return nn.Dropout(c.dropout)(y, deterministic=deterministic)
-
-    def _dropped_attention(self, q, k, v, mask):
-        """BERT drops attention probabilities; dot_product_attention has no dropout."""
-        scale = 1.0 / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        probs = nn.Dropout(self.config.attention_dropout)(probs, deterministic=False)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class EncoderBlock(nn.Module):

@@ -29,6 +29,7 @@ class GPTConfig(layers.DerivedSizes):
     position: str = "learned"  # or "rope"
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
     # The embedding is padded to a multiple of this (nanoGPT pads 50257 -> 50304) so
     # the vocabulary divides any tensor-parallel degree; padded logits are masked out.
     vocab_multiple: int = 64
@@ -43,6 +44,11 @@ class GPTConfig(layers.DerivedSizes):
             )
         if self.position not in ("learned", "rope"):
             raise ValueError(f"unknown position {self.position!r}; use 'learned' or 'rope'")
+        if self.attention not in layers.ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; use one of "
+                             f"{', '.join(layers.ATTENTION_CHOICES)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} is outside [0, 1)")
 
 
 class Block(nn.Module):
@@ -55,7 +61,7 @@ class Block(nn.Module):
         norm = functools.partial(layers.norm, c.norm, c.use_bias, c.compute_dtype)
         y = layers.CausalSelfAttention(
             c.num_heads, c.head_dim, c.num_layers, c.dropout, c.use_bias,
-            c.position == "rope", c.compute_dtype, name="attn",
+            c.position == "rope", c.compute_dtype, c.attention, name="attn",
         )(norm("norm1")(x), positions, deterministic, cache)
         if cache is not None:
             y, cache = y
