@@ -65,7 +65,7 @@ def test_matches_plain_reference():
 @pytest.mark.parametrize("options", [
     {}, {"position": "rope"}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"use_bias": False},
     {"remat": True}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False},
-    {"attention": "reference"},
+    {"scan_layers": True}, {"scan_layers": True, "remat": True}, {"attention": "reference"},
 ])
 def test_causal(options):
     """Changing a future token never changes an earlier position's logits."""

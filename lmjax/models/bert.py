@@ -46,6 +46,8 @@ class BertConfig(layers.DerivedSizes):
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"  # compute dtype; parameters stay float32
     vocab_multiple: int = 64  # padded vocabulary, as in GPTConfig
+    # As in GPTConfig: blocks under nn.scan, parameters stacked under `bert/blocks/`.
+    scan_layers: bool = False
     attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
 
     def module(self) -> nn.Module:
@@ -107,19 +109,23 @@ class SelfAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Post-LayerNorm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+    """Post-LayerNorm block: x = LN(x + attn(x)); x = LN(x + mlp(x)).
+
+    Returns (x, None): the (carry, output) pair nn.scan wants.
+    """
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array,
+                 deterministic: bool) -> tuple[jax.Array, None]:
         c = self.config
         x = _layer_norm(c, "norm1")(x + SelfAttention(c, name="attn")(x, mask, deterministic))
         h = _dense(c, (c.mlp_ratio * c.embed_dim,), ("embed", "mlp"), "up")(x)
         h = layers.constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
         h = _dense(c, (c.embed_dim,), ("mlp", "embed"), "down")(h)
         x = _layer_norm(c, "norm2")(x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
-        return layers.constrain(x, ("batch", "length", "act_embed"))
+        return layers.constrain(x, ("batch", "length", "act_embed")), None
 
 
 class BertEncoder(nn.Module):
@@ -141,7 +147,12 @@ class BertEncoder(nn.Module):
                                 embedding_init=layers.init(0.02, ("segment", "embed")))
         self.norm = _layer_norm(c, "embed_norm")
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = [EncoderBlock(c, name=f"block{i}") for i in range(c.num_layers)]
+        if c.scan_layers:
+            # (x, mask, deterministic): x carried, mask and deterministic broadcast.
+            blocks = layers.scan_blocks(EncoderBlock, c.num_layers, (nn.broadcast, nn.broadcast))
+            self.blocks = blocks(c, name="blocks")
+        else:
+            self.blocks = [EncoderBlock(c, name=f"block{i}") for i in range(c.num_layers)]
         self.pooler = _dense(c, (c.embed_dim,), ("embed", None), "pooler")
 
     def __call__(self, tokens: jax.Array, segments: jax.Array | None = None,
@@ -158,8 +169,11 @@ class BertEncoder(nn.Module):
         x = layers.constrain(x, ("batch", "length", "act_embed"))
         real = tokens != c.pad_id if mask is None else mask.astype(bool)
         mask = real[:, None, None, :]  # (batch, 1, 1, keys): every query sees the real keys
-        for block in self.blocks:
-            x = block(x, mask, deterministic)
+        if c.scan_layers:
+            x, _ = self.blocks(x, mask, deterministic)
+        else:
+            for block in self.blocks:
+                x, _ = block(x, mask, deterministic)
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # the [CLS] position
         return x, pooled
 

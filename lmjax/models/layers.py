@@ -75,6 +75,20 @@ class Dense(nn.Module):
         return y
 
 
+def scan_blocks(block: type[nn.Module], num_layers: int, in_axes: tuple) -> type[nn.Module]:
+    """`block` (carry, *args) -> (carry, output) under nn.scan over `num_layers` layers.
+
+    Parameters get a leading axis named "layers" (the rule tables keep it unsharded);
+    init and dropout rngs are split, so every layer draws its own weights and masks.
+    `in_axes` says per argument after the carry: 0 scans it over its leading (layer)
+    axis, nn.broadcast passes it whole to every layer.
+    """
+    return nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 def norm(kind: str, use_bias: bool, dtype: Dtype, name: str) -> nn.Module:
     """LayerNorm (nanoGPT: eps 1e-5, optional bias) or RMSNorm."""
     if kind == "rmsnorm":
