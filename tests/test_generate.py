@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from lmjax.models import GPT, GPTConfig
+from lmjax.models.transformer import stack_layers
 from lmjax.serve.generate import Decoder, SamplingParams, generate, sample_tokens
 
 CONFIG = GPTConfig(vocab_size=65, block_size=32, num_layers=2, num_heads=4, embed_dim=32)
@@ -41,12 +42,20 @@ def _decoder(model):
     return Decoder(model)
 
 
+ROPE_RMS_SWIGLU = (("position", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"),
+                   ("use_bias", False))
+
+
 @pytest.mark.parametrize("options", [
-    (), (("position", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"), ("use_bias", False)),
+    (), ROPE_RMS_SWIGLU, (("scan_layers", True),), (("scan_layers", True), *ROPE_RMS_SWIGLU),
 ])
 def test_cached_decoding_equals_recomputation(options):
     """Batched prompts of lengths 3, 9 and 14, then 10 teacher-forced decode steps."""
-    model, params = _model(options)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
+        _check_cached_decoding(*_model(options))
+
+
+def _check_cached_decoding(model, params):
     decoder = _decoder(model)
     rng = np.random.default_rng(0)
     lengths = [3, 9, 14]
@@ -75,17 +84,49 @@ def test_inactive_rows_are_untouched():
     """A decode step with active=False leaves that row's cache exactly as it was."""
     model, params = _model()
     decoder = _decoder(model)
-    cache = decoder.new_cache(3)  # the shapes of the test above: nothing new to compile
-    tokens = np.arange(48, dtype=np.int32).reshape(3, 16) % 65
-    _, cache = decoder.prefill(params, cache, 0, tokens, np.zeros(3, np.int32),
-                               np.array([5, 7, 2], np.int32))
-    before = jax.tree.map(np.asarray, cache)
-    _, cache = decoder.decode(params, cache, np.array([1, 2, 3], np.int32),
-                              np.array([5, 7, 2], np.int32), np.array([True, False, True]))
-    after = jax.tree.map(np.asarray, cache)
+    with jax.default_matmul_precision("highest"):  # as above: nothing new to compile
+        cache = decoder.new_cache(3)
+        tokens = np.arange(48, dtype=np.int32).reshape(3, 16) % 65
+        _, cache = decoder.prefill(params, cache, 0, tokens, np.zeros(3, np.int32),
+                                   np.array([5, 7, 2], np.int32))
+        before = jax.tree.map(np.asarray, cache)
+        _, cache = decoder.decode(params, cache, np.array([1, 2, 3], np.int32),
+                                  np.array([5, 7, 2], np.int32), np.array([True, False, True]))
+        after = jax.tree.map(np.asarray, cache)
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(b.keys[1], a.keys[1])
         assert not np.array_equal(b.keys[0, :, 5], a.keys[0, :, 5])  # (batch, heads, pos, dim)
+
+
+def test_prefill_of_one_row_in_either_cache_layout():
+    """Prefilling row 1 of a filled cache (as generation does past the block) writes the
+    same keys and values in the stacked cache of a scanned model as per layer, and
+    leaves the other rows alone."""
+    model, params = _model()
+    scanned, _ = _model((("scan_layers", True),))
+    stacked = stack_layers(params, CONFIG.num_layers)
+    tokens = np.arange(48, dtype=np.int32).reshape(3, 16) % 65
+    row = np.array([[7, 8, 9, 10, 11] + [0] * 11], np.int32)
+    caches = []
+    with jax.default_matmul_precision("highest"):
+        for m, p in ((model, params), (scanned, stacked)):
+            decoder = _decoder(m)
+            _, cache = decoder.prefill(p, decoder.new_cache(3), 0, tokens,
+                                       np.zeros(3, np.int32), np.array([5, 7, 2], np.int32))
+            before = jax.tree.map(np.asarray, cache)
+            logits, cache = decoder.prefill(p, cache, 1, row, np.zeros(1, np.int32),
+                                            np.array([5], np.int32))
+            cache = jax.tree.map(np.asarray, cache)
+            caches.append((np.asarray(logits), cache))
+            for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(cache), strict=True):
+                rows = old.ndim - 4  # (..., batch, heads, max_length, head_dim)
+                np.testing.assert_array_equal(np.delete(old, 1, rows), np.delete(new, 1, rows))
+                assert not np.array_equal(np.take(old, 1, rows), np.take(new, 1, rows))
+    (logits, per_layer), (scanned_logits, stacked_cache) = caches
+    np.testing.assert_allclose(scanned_logits, logits, atol=1e-5, rtol=0)
+    for i, layer in enumerate(per_layer):
+        np.testing.assert_allclose(stacked_cache.keys[i], layer.keys, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(stacked_cache.values[i], layer.values, atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_equals_recomputed_argmax():

@@ -46,6 +46,9 @@ class BertConfig(layers.DerivedSizes):
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"  # compute dtype; parameters stay float32
     vocab_multiple: int = 64  # padded vocabulary, as in GPTConfig
+    # As in GPTConfig: blocks under nn.scan, parameters stacked under `bert/blocks/`.
+    scan_layers: bool = False
+    attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
 
     def module(self) -> nn.Module:
         return BertClassifier(self)
@@ -65,6 +68,12 @@ class BertConfig(layers.DerivedSizes):
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
+        if self.attention not in layers.ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; use one of "
+                             f"{', '.join(layers.ATTENTION_CHOICES)}")
+        if not (0 <= self.dropout < 1 and 0 <= self.attention_dropout < 1):
+            raise ValueError(f"dropout={self.dropout} and attention_dropout="
+                             f"{self.attention_dropout} must lie in [0, 1)")
 
 
 def _layer_norm(c: BertConfig, name: str) -> nn.LayerNorm:
@@ -90,37 +99,33 @@ class SelfAttention(nn.Module):
                      "qkv")(x)  # (batch, length, 3, heads, head_dim)
         names = ("batch", "length", "act_heads", None)
         q, k, v = (layers.constrain(qkv[:, :, i], names) for i in range(3))
-        if c.attention_dropout > 0 and not deterministic:
-            y = self._dropped_attention(q, k, v, mask)
-        else:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (batch, length, heads, hd)
+        dropout = c.attention_dropout > 0 and not deterministic
+        y = layers.dot_product_attention(
+            q, k, v, mask=mask, implementation=c.attention, dropout_rate=c.attention_dropout,
+            dropout_rng=self.make_rng("dropout") if dropout else None,
+        )  # (batch, length, heads, head_dim)
         y = _dense(c, (c.embed_dim,), ("heads", "head_dim", "embed"), "out", in_axes=2)(y)
         return nn.Dropout(c.dropout)(y, deterministic=deterministic)
 
-    def _dropped_attention(self, q, k, v, mask):
-        """BERT drops attention probabilities; dot_product_attention has no dropout."""
-        scale = 1.0 / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        probs = nn.Dropout(self.config.attention_dropout)(probs, deterministic=False)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
 
 class EncoderBlock(nn.Module):
-    """Post-LayerNorm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+    """Post-LayerNorm block: x = LN(x + attn(x)); x = LN(x + mlp(x)).
+
+    Returns (x, None): the (carry, output) pair nn.scan wants.
+    """
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array,
+                 deterministic: bool) -> tuple[jax.Array, None]:
         c = self.config
         x = _layer_norm(c, "norm1")(x + SelfAttention(c, name="attn")(x, mask, deterministic))
         h = _dense(c, (c.mlp_ratio * c.embed_dim,), ("embed", "mlp"), "up")(x)
         h = layers.constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
         h = _dense(c, (c.embed_dim,), ("mlp", "embed"), "down")(h)
         x = _layer_norm(c, "norm2")(x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
-        return layers.constrain(x, ("batch", "length", "act_embed"))
+        return layers.constrain(x, ("batch", "length", "act_embed")), None
 
 
 class BertEncoder(nn.Module):
@@ -142,7 +147,12 @@ class BertEncoder(nn.Module):
                                 embedding_init=layers.init(0.02, ("segment", "embed")))
         self.norm = _layer_norm(c, "embed_norm")
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = [EncoderBlock(c, name=f"block{i}") for i in range(c.num_layers)]
+        if c.scan_layers:
+            # (x, mask, deterministic): x carried, mask and deterministic broadcast.
+            blocks = layers.scan_blocks(EncoderBlock, c.num_layers, (nn.broadcast, nn.broadcast))
+            self.blocks = blocks(c, name="blocks")
+        else:
+            self.blocks = [EncoderBlock(c, name=f"block{i}") for i in range(c.num_layers)]
         self.pooler = _dense(c, (c.embed_dim,), ("embed", None), "pooler")
 
     def __call__(self, tokens: jax.Array, segments: jax.Array | None = None,
@@ -159,8 +169,11 @@ class BertEncoder(nn.Module):
         x = layers.constrain(x, ("batch", "length", "act_embed"))
         real = tokens != c.pad_id if mask is None else mask.astype(bool)
         mask = real[:, None, None, :]  # (batch, 1, 1, keys): every query sees the real keys
-        for block in self.blocks:
-            x = block(x, mask, deterministic)
+        if c.scan_layers:
+            x, _ = self.blocks(x, mask, deterministic)
+        else:
+            for block in self.blocks:
+                x, _ = block(x, mask, deterministic)
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # the [CLS] position
         return x, pooled
 

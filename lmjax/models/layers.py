@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.extend import backend
 
 Dtype = jnp.dtype
 
@@ -74,6 +75,20 @@ class Dense(nn.Module):
         return y
 
 
+def scan_blocks(block: type[nn.Module], num_layers: int, in_axes: tuple) -> type[nn.Module]:
+    """`block` (carry, *args) -> (carry, output) under nn.scan over `num_layers` layers.
+
+    Parameters get a leading axis named "layers" (the rule tables keep it unsharded);
+    init and dropout rngs are split, so every layer draws its own weights and masks.
+    `in_axes` says per argument after the carry: 0 scans it over its leading (layer)
+    axis, nn.broadcast passes it whole to every layer.
+    """
+    return nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 def norm(kind: str, use_bias: bool, dtype: Dtype, name: str) -> nn.Module:
     """LayerNorm (nanoGPT: eps 1e-5, optional bias) or RMSNorm."""
     if kind == "rmsnorm":
@@ -100,8 +115,120 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Arr
     return out.astype(x.dtype)
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "reference")
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _on_nvidia_gpu() -> bool:
+    """Whether the default backend is CUDA (cuDNN's home; ROCm GPUs are 'gpu' too)."""
+    return jax.default_backend() == "gpu" and "cuda" in backend.get_backend().platform_version
+
+
+def resolve_attention(choice: str, dtype: Dtype, head_dim: int, dropout: bool,
+                      masked: bool) -> str:
+    """The implementation one attention call runs: "xla", "cudnn" or "reference".
+
+    "auto" takes cuDNN's fused (flash) attention on NVIDIA GPUs for bfloat16/float16
+    maskless (causal) calls without dropout and head_dim a multiple of 8 up to 128, and
+    XLA otherwise. Attention dropout runs in "reference", the one path that exposes the
+    probabilities: "auto" and "xla" switch to it while dropout is active (XLA compiles
+    the same einsums plus the mask); "cudnn" raises instead, see `_check_cudnn`.
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention {choice!r}; use one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "cudnn":
+        _check_cudnn(jnp.dtype(dtype), dropout)
+        return "cudnn"
+    if choice == "reference" or dropout:
+        return "reference"
+    if choice == "xla":
+        return "xla"
+    fused_ok = jnp.dtype(dtype) in _HALF and not masked and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fused_ok and _on_nvidia_gpu() else "xla"
+
+
+def _check_cudnn(dtype: jnp.dtype, dropout: bool) -> None:
+    """cuDNN attention needs an NVIDIA GPU, half precision and no dropout.
+
+    jax's cuDNN kernel takes a dropout rate, but its seed is a compile-time constant and
+    XLA advances separate random offsets for the forward and backward kernels at every
+    execution, so the mask ignores the model's "dropout" rng and the backward pass of a
+    scanned (or rematerialised) layer regenerates a different mask than its forward.
+    """
+    others = "use attention='auto', 'xla' or 'reference'"
+    if not _on_nvidia_gpu():
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU but the backend is "
+                         f"{jax.default_backend()!r}; {others}")
+    if dtype not in _HALF:
+        raise ValueError(f"attention='cudnn' runs in bfloat16 or float16, not {dtype}; set "
+                         f"the model's dtype='bfloat16' or {others}")
+    if dropout:
+        raise ValueError("attention='cudnn' cannot drop attention probabilities (its dropout "
+                         "ignores the model's rng); set the attention dropout to 0 or "
+                         "use attention='auto' or 'reference' while training")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, causal: bool = False,
+                          implementation: str = "auto", dropout_rate: float = 0.0,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v; q (batch, length, heads, head_dim), k and v
+    (batch, keys, heads, head_dim) -> (batch, length, heads, head_dim).
+
+    `mask` (boolean, broadcastable to (batch, heads, length, keys)) hides keys where
+    False. Attention probabilities are dropped at `dropout_rate` when `dropout_rng` is
+    given (training); see `resolve_attention` for which implementation runs.
+    """
+    dropout = dropout_rng is not None and dropout_rate > 0
+    impl = resolve_attention(implementation, q.dtype, q.shape[-1], dropout, mask is not None)
+    if impl == "reference":
+        return reference_attention(q, k, v, mask=mask, causal=causal,
+                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if impl == "cudnn" and mask is not None:
+        # cuDNN takes the mask as a bias of exactly (batch, heads or 1, length, keys).
+        mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation=impl)
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        mask: jax.Array | None = None, causal: bool = False,
+                        dropout_rate: float = 0.0,
+                        dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Attention written out: scores and softmax in float32, probabilities dropped at
+    `dropout_rate` (kept ones scaled by 1 / (1 - rate)) when `dropout_rng` is given.
+
+    Shapes as `dot_product_attention`.
+    """
+    # (batch, heads, length, keys)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)
+    visible = mask
+    if causal:
+        below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        visible = below if mask is None else mask & below
+    probs = _probabilities(scores * q.shape[-1] ** -0.5, visible)
+    if dropout_rng is not None and dropout_rate > 0:
+        probs = _drop(probs, dropout_rate, dropout_rng)
+    return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+
+
+def _probabilities(scores: jax.Array, visible: jax.Array | None) -> jax.Array:
+    """Softmax over the last (key) axis in float32; keys where `visible` is False get 0."""
+    if visible is not None:
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _drop(probs: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    if not 0 <= rate < 1:
+        raise ValueError(f"attention dropout rate {rate} is outside [0, 1)")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    return jnp.where(keep, probs / (1.0 - rate), 0.0)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `jax.nn.dot_product_attention`."""
+    """Multi-head causal self-attention through `dot_product_attention`; `dropout` is
+    the rate of both the attention probabilities and the output (nanoGPT's one rate)."""
 
     num_heads: int
     head_dim: int
@@ -110,6 +237,7 @@ class CausalSelfAttention(nn.Module):
     use_bias: bool = True
     rope: bool = False
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool,
@@ -125,9 +253,11 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
         if cache is None:
+            rng = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
             # (batch, length, heads, head_dim)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        else:
+            y = dot_product_attention(q, k, v, causal=True, implementation=self.implementation,
+                                      dropout_rate=self.dropout, dropout_rng=rng)
+        else:  # decoding: no dropout
             cache = cache.write(k, v, positions)
             y = cached_attention(q, cache, positions)
         # nanoGPT's scaled init for residual projections: 0.02 / sqrt(2 * layers).
@@ -178,17 +308,16 @@ class KVCache:
 def cached_attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.Array:
     """Causal attention of queries at `positions` (batch, length) over the cache.
 
-    q: (batch, length, heads, head_dim) -> (batch, length, heads, head_dim). Softmax in
-    float32, as `jax.nn.dot_product_attention` computes it.
+    q: (batch, length, heads, head_dim) -> (batch, length, heads, head_dim). Scores and
+    softmax in float32, as `reference_attention`.
     """
-    scale = q.shape[-1] ** -0.5
     # (batch, heads, length, max_length)
-    scores = jnp.einsum("bqnh,bnkh->bnqk", q, cache.keys.astype(q.dtype)).astype(jnp.float32)
+    scores = jnp.einsum("bqnh,bnkh->bnqk", q, cache.keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
     key_pos = jnp.arange(cache.keys.shape[2])
     visible = key_pos[None, None, None, :] <= positions[:, None, :, None]
-    scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bnqk,bnkh->bqnh", weights, cache.values.astype(q.dtype))
+    probs = _probabilities(scores * q.shape[-1] ** -0.5, visible)
+    return jnp.einsum("bnqk,bnkh->bqnh", probs.astype(q.dtype), cache.values.astype(q.dtype))
 
 
 class Mlp(nn.Module):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,11 @@ class GPTConfig(layers.DerivedSizes):
     position: str = "learned"  # or "rope"
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    # Run the blocks under nn.scan: parameters (and the KV cache) stacked on a leading
+    # "layers" axis under `blocks/`, one compiled block whatever the depth. Convert
+    # between the layouts with `stack_layers` / `unstack_layers`.
+    scan_layers: bool = False
+    attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
     # The embedding is padded to a multiple of this (nanoGPT pads 50257 -> 50304) so
     # the vocabulary divides any tensor-parallel degree; padded logits are masked out.
     vocab_multiple: int = 64
@@ -43,20 +49,32 @@ class GPTConfig(layers.DerivedSizes):
             )
         if self.position not in ("learned", "rope"):
             raise ValueError(f"unknown position {self.position!r}; use 'learned' or 'rope'")
+        if self.attention not in layers.ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; use one of "
+                             f"{', '.join(layers.ATTENTION_CHOICES)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} is outside [0, 1)")
 
 
 class Block(nn.Module):
+    """One pre-norm block: (x, cache or None) -> (x, updated cache or None).
+
+    Positions and `deterministic` come after the carry and the cache, the signature
+    nn.scan wants: x is carried, the cache is scanned over its layer axis.
+    """
+
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool,
-                 cache: layers.KVCache | None = None):
+    def __call__(self, x: jax.Array, cache: layers.KVCache | None, positions: jax.Array,
+                 deterministic: bool) -> tuple[jax.Array, layers.KVCache | None]:
         c = self.config
         norm = functools.partial(layers.norm, c.norm, c.use_bias, c.compute_dtype)
-        y = layers.CausalSelfAttention(
+        attention = layers.CausalSelfAttention(
             c.num_heads, c.head_dim, c.num_layers, c.dropout, c.use_bias,
-            c.position == "rope", c.compute_dtype, name="attn",
-        )(norm("norm1")(x), positions, deterministic, cache)
+            c.position == "rope", c.compute_dtype, c.attention, name="attn",
+        )
+        y = attention(norm("norm1")(x), positions, deterministic, cache)
         if cache is not None:
             y, cache = y
         x = x + y
@@ -65,7 +83,7 @@ class Block(nn.Module):
             c.compute_dtype, name="mlp",
         )(norm("norm2")(x), deterministic)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
-        return x if cache is None else (x, cache)
+        return x, cache
 
 
 class GPT(nn.Module):
@@ -74,17 +92,19 @@ class GPT(nn.Module):
     Logits of padding entries beyond `vocab_size` are -inf-like, so losses and sampling
     see exactly `vocab_size` classes.
 
-    With `cache` (one `layers.KVCache` per layer, see `init_cache`) the tokens sit at
-    `positions` (batch, length) of each row; their keys and values are written into the
-    cache and attention reads it, so a prompt is prefilled once and each new token costs
-    one position. Returns `(logits, cache)` then.
+    With `cache` (one `layers.KVCache` per layer, or one stacked over the layers with
+    `scan_layers`; see `init_cache`) the tokens sit at `positions` (batch, length) of
+    each row; their keys and values are written into the cache and attention reads it,
+    so a prompt is prefilled once and each new token costs one position. Returns
+    `(logits, cache)` then.
     """
 
     config: GPTConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True, *,
-                 cache: list[layers.KVCache] | None = None, positions: jax.Array | None = None):
+                 cache: list[layers.KVCache] | layers.KVCache | None = None,
+                 positions: jax.Array | None = None):
         c = self.config
         _, length = tokens.shape
         if length > c.block_size:
@@ -117,22 +137,63 @@ class GPT(nn.Module):
 
     def _blocks(self, x, positions, deterministic, cache):
         c = self.config
-        if cache is None:
-            block = nn.remat(Block, static_argnums=(3,)) if c.remat else Block
-            for i in range(c.num_layers):
-                x = block(c, name=f"block{i}")(x, positions, deterministic)
-            return x, None
+        block = Block
+        if c.remat and cache is None:  # decoding keeps no activations for backprop
+            # Inside scan, CSE cannot merge the recomputation with the forward anyway.
+            block = nn.remat(Block, static_argnums=(4,), prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            # The cache (or None) is scanned over its layer axis, like the parameters.
+            blocks = layers.scan_blocks(block, c.num_layers, (0, nn.broadcast, nn.broadcast))
+            return blocks(c, name="blocks")(x, cache, positions, deterministic)
         new_cache = []
-        for i in range(c.num_layers):  # no remat: decoding keeps no activations for backprop
-            x, layer_cache = Block(c, name=f"block{i}")(x, positions, deterministic, cache[i])
+        for i in range(c.num_layers):
+            x, layer_cache = block(c, name=f"block{i}")(
+                x, None if cache is None else cache[i], positions, deterministic)
             new_cache.append(layer_cache)
-        return x, new_cache
+        return x, None if cache is None else new_cache
 
 
 def init_cache(config: GPTConfig, batch: int, max_length: int | None = None,
-               dtype=jnp.float32) -> list[layers.KVCache]:
-    """An empty KV cache for `batch` rows of up to `max_length` (default block_size) tokens."""
+               dtype=jnp.float32) -> list[layers.KVCache] | layers.KVCache:
+    """An empty KV cache for `batch` rows of up to `max_length` (default block_size) tokens.
+
+    One KVCache per layer; with `scan_layers` one KVCache whose arrays are stacked on a
+    leading layer axis: (layers, batch, heads, max_length, head_dim).
+    """
     length = max_length or config.block_size
+    shape = (batch, config.num_heads, length, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.num_layers, *shape)
+        return layers.KVCache(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
     return [layers.KVCache.zeros(batch, length, config.num_heads, config.head_dim, dtype)
             for _ in range(config.num_layers)]
 
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unscanned parameters (`block0` ... `block{num_layers-1}`) -> the `scan_layers`
+    layout: one `blocks` subtree whose arrays are the layers' stacked on axis 0.
+
+    Works at any depth of a nested dict (BERT's blocks sit under `bert/`), on unboxed
+    arrays (`nn.unbox`); everything but the blocks is returned as it was.
+    """
+    names = [f"block{i}" for i in range(num_layers)]
+    if names[0] in params:
+        if f"block{num_layers}" in params or not all(n in params for n in names):
+            raise ValueError(f"parameters do not hold exactly {num_layers} blocks "
+                             f"block0..block{num_layers - 1}: {sorted(params)}")
+        rest = {k: v for k, v in params.items() if k not in names}
+        return rest | {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                              *(params[n] for n in names))}
+    return {k: stack_layers(v, num_layers) if isinstance(v, Mapping) else v
+            for k, v in params.items()}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The `scan_layers` layout -> `block0`, `block1`, ... (the inverse of `stack_layers`)."""
+    if "blocks" in params:
+        stacked = params["blocks"]
+        count = jax.tree.leaves(stacked)[0].shape[0]
+        rest = {k: v for k, v in params.items() if k != "blocks"}
+        return rest | {f"block{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                       for i in range(count)}
+    return {k: unstack_layers(v) if isinstance(v, Mapping) else v for k, v in params.items()}

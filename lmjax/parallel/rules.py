@@ -16,6 +16,9 @@ from lmjax.registry import Registry
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 _BATCH = (("batch", ("data", "fsdp")),)
+# The stacked-layer axis of scanned blocks (scan_layers) stays whole on every device:
+# nn.scan slices one layer per iteration.
+_LAYERS = (("layers", None),)
 _FSDP = (("embed", "fsdp"),)
 _TENSOR = (
     ("heads", "tensor"),
@@ -27,11 +30,11 @@ _TENSOR = (
 )
 
 RULES: Registry[Rules] = Registry("sharding rule table")
-RULES.register("data_parallel")(_BATCH)
-RULES.register("fsdp")(_BATCH + _FSDP)
-RULES.register("tensor_parallel")(_BATCH + _TENSOR)
+RULES.register("data_parallel")(_BATCH + _LAYERS)
+RULES.register("fsdp")(_BATCH + _LAYERS + _FSDP)
+RULES.register("tensor_parallel")(_BATCH + _LAYERS + _TENSOR)
 # Axes of size 1 are no-ops, so the union serves every mesh shape; it is the default.
-RULES.register("fsdp_tensor")(_BATCH + _FSDP + _TENSOR)
+RULES.register("fsdp_tensor")(_BATCH + _LAYERS + _FSDP + _TENSOR)
 
 
 def fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:

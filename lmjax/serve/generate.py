@@ -8,7 +8,6 @@ seeds, so prompts of different lengths generate together; the serving engine
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -71,6 +70,12 @@ def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
+def _batch_axis(x: jax.Array) -> int:
+    """Cache arrays are (batch, heads, max_length, head_dim), after a layer axis when the
+    layers are scanned: the batch axis is fourth from the end in either layout."""
+    return x.ndim - 4
+
+
 class Decoder:
     """Compiled prefill and decode steps of one GPT over a cache of `batch` rows.
 
@@ -105,12 +110,11 @@ class Decoder:
         positions = starts[:, None] + steps
         positions = jnp.where(steps < counts[:, None], positions, self.config.block_size)
         rows = tokens.shape[0]
-        part = [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first_row, rows), layer)
-                for layer in cache]
+        part = jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, first_row, rows, _batch_axis(x)), cache)
         logits, part = self._forward(params, part, tokens, positions)
-        cache = [jax.tree.map(
-            lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new, first_row, 0),
-            layer, new_layer) for layer, new_layer in zip(cache, part, strict=True)]
+        cache = jax.tree.map(lambda full, new: jax.lax.dynamic_update_slice_in_dim(
+            full, new, first_row, _batch_axis(full)), cache, part)
         last = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
         return last, cache
 
@@ -247,9 +251,3 @@ class _RowState:
                 text = self.detokenize(tokens)
             results.append(Generation(tokens, text, self.reason[b]))
         return results
-
-
-@functools.lru_cache(maxsize=8)
-def decoder_for(model: GPT) -> Decoder:
-    """One Decoder (and its compiled functions) per model config."""
-    return Decoder(model)
