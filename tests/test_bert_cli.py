@@ -13,6 +13,7 @@ from flax import linen as nn
 from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from lmjax.models import GPTConfig
 from lmjax.models.bert import BertClassifier, BertConfig
+from lmjax.models.transformer import stack_layers
 from lmjax.parallel import make_mesh
 from lmjax.train import bert_tasks
 from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
@@ -65,14 +66,16 @@ def test_pretrain_finetune_and_eval(pretrained, tmp_path):
     assert f"accuracy {best['accuracy']:.4f}, f1 {best['f1']:.4f}" in evaluated.stdout
 
 
-def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrained):
-    """The fine-tuning params equal the checkpoint's encoder exactly; the head is new."""
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["same_layout", "scanned"])
+def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrained, scan_layers):
+    """The fine-tuning params equal the checkpoint's encoder exactly (stacked when the
+    fine-tuning model scans its layers); the head is new."""
     config_text = (pretrained / "config.gin").read_text()
     assert "BertConfig.embed_dim = 32" in config_text
     tok = load_tokenizer(pretrained / "tokenizer")
     data = bert_tasks.finetune_data(tok, 32, limit=8)
     config = BertConfig(vocab_size=tok.vocab_size, max_len=32, num_layers=1, embed_dim=32,
-                        num_heads=2)
+                        num_heads=2, scan_layers=scan_layers)
     task = bert_tasks.BertFinetuneTask(config, data, str(pretrained))
     fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
     loaded = task.warm_start(fresh)
@@ -81,6 +84,8 @@ def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrai
     checkpoints.close()
     saved = ocp.PyTreeCheckpointer().restore(str(pretrained / "checkpoints" / str(step) /
                                                  "state"))["params"]["bert"]
+    if scan_layers:
+        saved = stack_layers(saved, 1)
     for a, b in zip(jax.tree.leaves(loaded["bert"]), jax.tree.leaves(saved), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(loaded["bert"]["word"]["embedding"]),

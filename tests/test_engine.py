@@ -4,6 +4,7 @@ Continuous batching, preemption and KV swapping never change what a request
 generates; the schedulers keep their invariants.
 """
 
+import dataclasses
 import functools
 import itertools
 
@@ -36,8 +37,8 @@ def detokenize(ids):
 
 
 @functools.cache
-def _setup():
-    model = GPT(CONFIG)
+def _setup(scan_layers: bool = False):
+    model = GPT(dataclasses.replace(CONFIG, scan_layers=scan_layers))
     init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))))
     return Decoder(model), init(jax.random.key(0))["params"]
 
@@ -64,12 +65,15 @@ def _ticks():
     {"name": "fcfs"},
     {"name": "mlfq", "base_quantum": 1.0, "num_queues": 3, "starvation": 6.0},
     {"name": "mlfq", "base_quantum": 1.0, "num_queues": 3, "starvation": 6.0, "max_batch": 1},
+    {"name": "mlfq", "base_quantum": 1.0, "num_queues": 3, "starvation": 6.0,
+     "scan_layers": True},
 ])
 def test_engine_generates_what_generate_does(scheduler):
     """Whatever the batching, preemption and swapping, each request's tokens equal
-    generating it alone (max_batch 1 of 2 rows: preempted jobs also wait in the cache)."""
-    decoder, params = _setup()
+    generating it alone (max_batch 1 of 2 rows: preempted jobs also wait in the cache;
+    scanned layers: one cache stacked over the layers)."""
     options = dict(scheduler)
+    decoder, params = _setup(options.pop("scan_layers", False))
     max_batch = options.pop("max_batch", None)
     engine = Engine(decoder, params, make_scheduler(options.pop("name"), **options), slots=2,
                     max_batch=max_batch, clock=_ticks())

@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 
 from lmjax.models import GPT, GPTConfig
+from lmjax.models.transformer import stack_layers
 from lmjax.serve import quant
 from lmjax.serve.generate import Decoder
 from lmjax.train.tasks import LMTask
@@ -76,3 +77,12 @@ def test_report_fields(model_params):
     assert r["bytes_ratio"] == r["int8_bytes"] / r["fp32_bytes"] < 0.3
     assert abs(r["loss_change_relative"]) < 0.01
     assert r["fp32_eval_loss"] == pytest.approx(np.log(65), rel=0.05)  # untrained
+
+
+def test_scanned_layers_keep_one_scale_per_layer(model_params):
+    """Quantising the stacked (scan_layers) parameters equals quantising each layer."""
+    _, params = model_params
+    stacked = quant.dequantize(quant.quantize(stack_layers(params, CONFIG.num_layers)))
+    per_layer = stack_layers(quant.dequantize(quant.quantize(params)), CONFIG.num_layers)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(per_layer), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -159,3 +159,35 @@ def test_scanned_gpt_sharded_trains_as_on_one_device():
     np.testing.assert_allclose(many, one, rtol=1e-4)
     qkv = state.params["blocks"]["attn"]["qkv"]["kernel"]  # (layers, embed, 3, heads, hd)
     assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+
+
+@pytest.mark.parametrize("saved_scanned", [False, True], ids=["loop->scan", "scan->loop"])
+def test_a_checkpoint_restores_into_the_other_layout(tmp_path, saved_scanned):
+    """Params-only restores (eval, sample, serve, fine-tuning) convert the layer layout:
+    a checkpoint of one layout serves the other, and a different depth is refused."""
+    from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+    from lmjax.train.state import TrainState, abstract_params
+    from lmjax.train.tasks import LMTask
+
+    def config(scanned, layers=GPT_CONFIG.num_layers):
+        return dataclasses.replace(GPT_CONFIG, scan_layers=scanned, num_layers=layers)
+
+    params = _init(GPT(config(saved_scanned)), _tokens(0, 65))
+    state = TrainState(step=jnp.array(1), params=params, opt_state=(), rng=jnp.zeros(2, "uint32"))
+    saver = Checkpointer(str(tmp_path), async_save=False)
+    saver.save(1, state, None, {"best_eval_loss": None})
+    saver.close()
+    mesh, rules = make_mesh(2, 1, 4), RULES.get("fsdp_tensor")
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    target = abstract_params(LMTask(config(not saved_scanned)), mesh, rules)
+    restored = reader.restore_params(1, target)
+    want = unstack_layers(params) if saved_scanned else stack_layers(params, 3)
+    for (path, got), wanted in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                   jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(wanted), err_msg=str(path))
+    qkv = restored["blocks" if not saved_scanned else "block0"]["attn"]["qkv"]["kernel"]
+    assert "tensor" in str(qkv.sharding.spec)  # placed on the target's shardings
+    deeper = abstract_params(LMTask(config(not saved_scanned, layers=4)), mesh, rules)
+    with pytest.raises(IncompatibleCheckpointError, match="does not match the configured"):
+        reader.restore_params(1, deeper)
+    reader.close()

@@ -197,3 +197,24 @@ def unstack_layers(params: dict) -> dict:
         return rest | {f"block{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
                        for i in range(count)}
     return {k: unstack_layers(v) if isinstance(v, Mapping) else v for k, v in params.items()}
+
+
+def _find(tree, key: str):
+    """The first subtree stored under `key` at any depth of a nested dict, or None."""
+    if not isinstance(tree, Mapping):
+        return None
+    if key in tree:
+        return tree[key]
+    return next((found for v in tree.values() if (found := _find(v, key)) is not None), None)
+
+
+def match_layout(params: dict, like: dict) -> dict:
+    """`params` in the layer layout of `like`: stacked (`scan_layers`) or one subtree per
+    layer, converting with `stack_layers` / `unstack_layers` where the two differ. Works
+    on arrays and on ShapeDtypeStructs (under jax.eval_shape)."""
+    stacked = _find(like, "blocks")
+    if stacked is not None and _find(params, "blocks") is None:
+        return stack_layers(params, jax.tree.leaves(stacked)[0].shape[0])
+    if stacked is None and _find(params, "blocks") is not None:
+        return unstack_layers(params)
+    return params

@@ -253,7 +253,7 @@ class Engine:
             job.slot, self.owner[slot] = slot, job
             if job.host_kv is not None:
                 self.cache = self._write_row(self.cache, slot, job.host_kv)
-                self._charge("swap_in", job.host_kv[0].keys.shape[1])
+                self._charge("swap_in", jax.tree.leaves(job.host_kv)[0].shape[-2])
                 job.host_kv = None
                 self.stats.swaps_in += 1
 
@@ -447,7 +447,7 @@ class Engine:
                 self._in_place_widths.add(width)
         for width in widths:
             rows = swap_out(width)
-            length = rows[0].keys.shape[1]  # swaps are keyed by rows actually moved
+            length = jax.tree.leaves(rows)[0].shape[-2]  # keyed by the positions moved
             costs.swap_out[length] = timed(lambda w=width: swap_out(w))
             costs.swap_in[length] = timed(lambda r=rows: swap_in(r))
         self.costs = costs
@@ -496,29 +496,35 @@ def _decode_rows(decoder: Decoder, params, cache, rows, tokens, lengths, active,
     active row's length must be below `width`); writes back the one position each active
     row wrote (inactive rows write nothing, so padding may repeat a row). Reading only
     the written positions keeps a step's memory traffic small: gathering whole rows
-    made a step slower when the rows changed from step to step (as under MLFQ)."""
+    made a step slower when the rows changed from step to step (as under MLFQ).
+
+    Cache arrays are (..., batch, heads, max_length, head_dim): a leading layer axis
+    (scanned layers) rides along in the `...`."""
     block = decoder.config.block_size
-    part = [jax.tree.map(lambda x: x[rows, :, :width], layer) for layer in cache]
+    part = jax.tree.map(lambda x: x[..., rows, :, :width, :], cache)
     new, part = decoder._decode_sample(params, part, tokens, lengths, active, *sampling)
     at = jnp.where(active, lengths, block)
     index = jnp.arange(rows.shape[0])
 
     def put(full, row):
-        written = row[index, :, jnp.minimum(at, width - 1)]  # (batch, heads, head_dim)
-        return full.at[rows, :, at].set(written, mode="drop")
+        written = row[..., index, :, jnp.minimum(at, width - 1), :]
+        return full.at[..., rows, :, at, :].set(written, mode="drop")
 
-    return new, [jax.tree.map(put, layer, new_layer) for layer, new_layer in
-                 zip(cache, part, strict=True)]
+    return new, jax.tree.map(put, cache, part)
 
 
 def _read_row(cache, slot, length: int):
-    """Positions [0, length) of one cache row: (heads, length, head_dim) per array."""
-    return [jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x[slot], 0, length, axis=1), c)
-            for c in cache]
+    """Positions [0, length) of one cache row: (..., heads, length, head_dim) per array."""
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x[..., slot, :, :, :], 0, length, axis=-2), cache)
 
 
 def _write_row(cache, slot, rows):
     """Writes `_read_row`'s arrays back at the start of row `slot`."""
-    return [jax.tree.map(lambda full, row: jax.lax.dynamic_update_slice(
-        full, row[None].astype(full.dtype), (slot, 0, 0, 0)), c, r)
-        for c, r in zip(cache, rows, strict=True)]
+
+    def write(full, row):
+        start = (0,) * (full.ndim - 4) + (slot, 0, 0, 0)
+        return jax.lax.dynamic_update_slice(full, jnp.expand_dims(row, -4).astype(full.dtype),
+                                            start)
+
+    return jax.tree.map(write, cache, rows)

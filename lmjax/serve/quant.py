@@ -52,7 +52,9 @@ def _reduce_axes(path: tuple[str, ...], leaf) -> tuple[int, ...] | None:
         if module not in KERNEL_IN_AXES:
             raise ValueError(f"no quantisation rule for kernel {'/'.join(path)}; add its "
                              "module to KERNEL_IN_AXES")
-        return tuple(range(KERNEL_IN_AXES[module]))
+        # Scanned layers stack kernels on a leading layer axis: each layer keeps its scales.
+        first = 1 if "blocks" in path else 0
+        return tuple(range(first, first + KERNEL_IN_AXES[module]))
     return None
 
 

@@ -228,7 +228,8 @@ def _figures(timing: dict, params, model_config, config: TrainConfig, mesh: Mesh
 
 
 def _model_fields(model_config) -> dict:
-    keys = ("num_layers", "num_heads", "embed_dim", "block_size", "scan_layers", "remat")
+    keys = ("num_layers", "num_heads", "embed_dim", "block_size", "scan_layers", "remat",
+            "attention")
     fields = {k: getattr(model_config, k) for k in keys if hasattr(model_config, k)}
     if hasattr(model_config, "padded_vocab"):
         fields["padded_vocab"] = model_config.padded_vocab

@@ -108,22 +108,32 @@ class BertFinetuneTask(ClassifyTask):
 # --- reading a pretraining checkpoint ----------------------------------------------------
 
 
+_QKV = ("block0/attn/qkv/kernel", "blocks/attn/qkv/kernel")  # per layer, or scan_layers
+
+
 def describe(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Architecture figures read off a BERT encoder's parameter shapes."""
-    blocks = {name.split("/")[0] for name in shapes if name.startswith("block")}
+    """Architecture figures read off a BERT encoder's parameter shapes (either layout:
+    `block0/...` per layer, or `blocks/...` stacked on a leading layer axis)."""
+    stacked = _QKV[1] in shapes
+    if stacked:
+        layers, *qkv = shapes[_QKV[1]]
+        mlp = shapes["blocks/up/kernel"][2]
+    else:
+        layers = len({name.split("/")[0] for name in shapes if name.startswith("block")})
+        qkv, mlp = shapes[_QKV[0]], shapes["block0/up/kernel"][1]
     return {
         "vocabulary rows (padded)": shapes["word/embedding"][0],
         "embed_dim": shapes["word/embedding"][1],
         "max_len": shapes["position/embedding"][0],
-        "num_layers": len(blocks),
-        "num_heads": shapes["block0/attn/qkv/kernel"][2],
-        "mlp width": shapes["block0/up/kernel"][1],
+        "num_layers": layers,
+        "num_heads": qkv[2],
+        "mlp width": mlp,
     }
 
 
 def check_encoder(saved: dict, wanted: dict, where: str) -> None:
     """Raises IncompatibleCheckpointError naming what differs between two encoders."""
-    if "word/embedding" not in saved or "block0/attn/qkv/kernel" not in saved:
+    if "word/embedding" not in saved or not any(name in saved for name in _QKV):
         raise IncompatibleCheckpointError(
             f"the checkpoint in {where} is not a BERT pretraining checkpoint (its parameters "
             f"are {', '.join(sorted(saved)[:4])}, ...; a BERT one has bert/word/embedding, "
@@ -131,7 +141,8 @@ def check_encoder(saved: dict, wanted: dict, where: str) -> None:
     have, want = describe(saved), describe(wanted)
     diffs = [f"{k} {have[k]} in the checkpoint but {want[k]} in the config"
              for k in have if have[k] != want[k]]
-    if not diffs:  # same figures but another shape somewhere (e.g. type_vocab_size)
+    same_layout = (_QKV[1] in saved) == (_QKV[1] in wanted)  # else restoring converts it
+    if not diffs and same_layout:  # same figures but another shape (e.g. type_vocab_size)
         diffs = [f"parameter {n} has shape {saved.get(n)} in the checkpoint but "
                  f"{wanted.get(n)} in the config"
                  for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n)]

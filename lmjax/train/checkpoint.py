@@ -11,8 +11,11 @@ parameters (`restore_params`), without an optimiser.
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from lmjax.models.transformer import match_layout
 
 # Written into every checkpoint's meta; checkpoints without it (or with another value)
 # come from an older layout of the train state and are refused with one clear error.
@@ -121,25 +124,51 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params, subtree: str | None = None):
         """Only the parameters of `step` (or their `subtree`, e.g. BERT's encoder "bert"),
         placed like `abstract_params` (ShapeDtypeStructs with shardings): no optimiser
-        state is read, so any mesh and any optimiser can use them."""
+        state is read, so any mesh and any optimiser can use them. Parameters saved in
+        the other layer layout (`scan_layers` or not) are converted on the way."""
         self.read_meta(step)
-        mismatch = _first_mismatch(self.param_shapes(step, subtree),
-                                   flat_shapes(abstract_params))
-        if mismatch:
-            name, have, want = mismatch
-            raise IncompatibleCheckpointError(
-                f"checkpoint step {step} in {self.directory} does not match the configured "
-                f"model: parameter {name} has shape {have} in the checkpoint but {want} in "
-                "the config. Use the config that wrote it (its config.gin).")
-        wanted = abstract_params if subtree is None else {subtree: abstract_params}
-        item = {"params": wanted}
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                           dtype=x.dtype), item)
+        saved = self._saved_params(step, subtree)
+        if flat_shapes(saved) == flat_shapes(abstract_params):
+            return self._read_params(step, abstract_params, subtree, abstract_params)
+        try:
+            converted = jax.eval_shape(lambda p: match_layout(p, abstract_params), saved)
+        except ValueError as err:  # a different number of layers
+            raise self._mismatch(step, saved, abstract_params) from err
+        if flat_shapes(converted) != flat_shapes(abstract_params):
+            raise self._mismatch(step, saved, abstract_params)
+        on_host = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        params = self._read_params(step, saved, subtree, on_host)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+        return jax.device_put(match_layout(params, abstract_params), shardings)
+
+    def _saved_params(self, step: int, subtree: str | None):
+        """ShapeDtypeStructs of the saved parameters (or their subtree)."""
+        saved = self.manager.item_metadata(step)["state"]["params"]
+        saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+        if subtree is not None:
+            saved = saved.get(subtree, {})
+        return saved
+
+    def _read_params(self, step: int, item, subtree: str | None, like):
+        """Reads `item` (a params tree) of `step`; `like` is the tree of restore targets:
+        ShapeDtypeStructs with shardings (onto a mesh) or orbax RestoreArgs."""
+        if subtree is not None:
+            item, like = {subtree: item}, {subtree: like}
+        if jax.tree.leaves(like) and isinstance(jax.tree.leaves(like)[0], jax.ShapeDtypeStruct):
+            like = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
+                sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), like)
         path = os.path.join(self.directory, str(step), "state")
         restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))["params"]
+            item={"params": item}, restore_args={"params": like},
+            partial_restore=True))["params"]
         return restored if subtree is None else restored[subtree]
+
+    def _mismatch(self, step: int, saved, wanted) -> IncompatibleCheckpointError:
+        name, have, want = _first_mismatch(flat_shapes(saved), flat_shapes(wanted))
+        return IncompatibleCheckpointError(
+            f"checkpoint step {step} in {self.directory} does not match the configured "
+            f"model: parameter {name} has shape {have} in the checkpoint but {want} in the "
+            "config. Use the config that wrote it (its config.gin).")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
