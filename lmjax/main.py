@@ -81,9 +81,12 @@ def main() -> None:
 
     try:
         run()
-    except (ValueError, KeyError, FileNotFoundError, RunError) as err:
-        print(f"lmjax: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, KeyError, OSError, RunError) as err:
+        print(f"lmjax: error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: after a failed checkpoint save, orbax's signalling threads wait for
+        # ever and would hold the interpreter's shutdown; everything was written already.
+        os._exit(1)
 
 
 if __name__ == "__main__":

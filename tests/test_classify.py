@@ -34,6 +34,13 @@ def test_bad_tsv_row_is_reported_with_file_and_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_header_only_file_is_named(tmp_path):
+    folder = _small_sst2(tmp_path / "sst2", 5, 5)
+    (folder / "train.tsv").write_text("label\tsentence\n")
+    with pytest.raises(builders.BadDataError, match=r"train\.tsv has no rows under its header"):
+        builders.prepare("sst2", str(tmp_path / "tfds"), str(folder))
+
+
 def test_dev_file_reads_its_content_column(tmp_path):
     folder = _small_sst2(tmp_path / "sst2", 5, 5)
     rows = builders.read_sst2_tsv(folder / "dev.tsv", "content")

@@ -64,7 +64,8 @@ SST2_TEXT_COLUMNS = {"train": "sentence", "dev": "content"}  # the dev file diff
 
 
 def read_sst2_tsv(path: Path, text_column: str) -> list[tuple[int, str]]:
-    """(label, text) rows of an SST-2 TSV; a bad row raises BadDataError naming file:line.
+    """(label, text) rows of an SST-2 TSV; a bad row (or none) raises BadDataError naming
+    file:line.
 
     Rows are never dropped silently: a row must be `label<TAB>text` with label 0 or 1
     and non-empty text, under a header `label<TAB>{text_column}`.
@@ -83,6 +84,9 @@ def read_sst2_tsv(path: Path, text_column: str) -> list[tuple[int, str]]:
                     f"'label<TAB>text' with label 0 or 1 (fix or remove the row, then delete "
                     "the prepared copy under LMJAX_TFDS_DIR/sst2)")
             rows.append((int(fields[0]), fields[1]))
+    if not rows:
+        raise BadDataError(f"{path} has no rows under its header; an SST-2 file needs "
+                           "'label<TAB>text' rows")
     return rows
 
 

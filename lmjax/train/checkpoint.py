@@ -9,12 +9,14 @@ parameters (`restore_params`), without an optimiser.
 """
 
 import os
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lmjax.errors import RunError
 from lmjax.models.transformer import match_layout
 
 # Written into every checkpoint's meta; checkpoints without it (or with another value)
@@ -24,6 +26,16 @@ FORMAT = 2
 
 class IncompatibleCheckpointError(ValueError):
     """The workdir's checkpoint does not fit the configured model."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint could not be written, or none in the workdir can be read."""
+
+
+def _cause(err: BaseException) -> str:
+    """The first line of an error, which names the file for I/O errors."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _eval_loss(metrics) -> float:
@@ -55,6 +67,7 @@ class Checkpointer:
         }
         # orbax refuses relative paths when restoring ("Checkpoint path should be absolute").
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=handlers)
 
@@ -65,12 +78,20 @@ class Checkpointer:
         return self.manager.best_step()
 
     def save(self, step: int, state, data_iter, meta: dict, eval_loss: float | None = None):
+        """Starts writing `step` in the background; raises CheckpointError if this or an
+        earlier save failed (so a run never trains on without its checkpoints)."""
         meta = {**meta, "format": FORMAT}
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = ocp.args.JsonSave(data_iter.get_state())
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-        self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+        try:
+            self.manager.check_for_errors()
+            self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                              force=True)
+        except Exception as err:  # noqa: BLE001  (orbax raises what the file system raised)
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed at step "
+                                  f"{step} or before: {_cause(err)}") from err
 
     def read_meta(self, step: int) -> dict:
         """The step's meta record; raises IncompatibleCheckpointError for older formats."""
@@ -171,7 +192,50 @@ class Checkpointer:
             "config. Use the config that wrote it (its config.gin).")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the saves in flight are written; CheckpointError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{_cause(err)}") from err
+
+    def restore_latest(self, abstract_state, data_iter=None):
+        """(state, meta, step) of the newest checkpoint that reads back whole, or None
+        when there is none; a damaged newer one is skipped with a message naming its step
+        and the cause, and (unless read-only) moved aside to STEP.unreadable so that the
+        run can write that step again. Checkpoints of another model are refused, not
+        skipped."""
+        steps = self.manager.all_steps()[::-1]
+        found = self.first_intact(
+            steps, lambda step: (*self.restore(step, abstract_state, data_iter), step))
+        skipped = [step for step in steps if found is None or step > found[2]]
+        if skipped and not self.read_only:
+            for step in skipped:
+                aside = os.path.join(self.directory, f"{step}.unreadable")
+                os.replace(os.path.join(self.directory, str(step)), aside)
+                print(f"lmjax: moved the unreadable checkpoint step {step} to {aside}",
+                      file=sys.stderr, flush=True)
+            self.manager.reload()
+        return found
+
+    def first_intact(self, steps: list[int], read):
+        """read(step) of the first step that reads; CheckpointError if every one fails."""
+        failures = []
+        for step in steps:
+            try:
+                return read(step)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001  (damage shows as any I/O or format error)
+                failures.append(f"step {step}: {_cause(err)}")
+                print(f"lmjax: checkpoint step {step} in {self.directory} cannot be read "
+                      f"({_cause(err)}); trying an older one", file=sys.stderr, flush=True)
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read: "
+                                  + "; ".join(failures) + ". Delete the damaged step folders "
+                                  "to start over, or restore them from a copy.")
+        return None
 
     def close(self) -> None:
         self.manager.close()
@@ -184,14 +248,21 @@ def best_params(workdir: str, abstract_params, subtree: str | None = None, check
     anything is read."""
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
-        step = checkpoints.best_step() or checkpoints.latest_step()
-        if step is None:
+        newest_first = checkpoints.manager.all_steps()[::-1]
+        best = checkpoints.best_step()
+        steps = [best] + [s for s in newest_first if s != best] if best else newest_first
+
+        def read(step: int):
+            if check is not None:
+                check(checkpoints.param_shapes(step))
+            return checkpoints.restore_params(step, abstract_params, subtree), step
+
+        found = checkpoints.first_intact(steps, read)
+        if found is None:
             raise FileNotFoundError(
                 f"no checkpoint in {checkpoints.directory}; train first with "
                 f"`lmjax train --workdir={workdir} --gin_file=...`")
-        if check is not None:
-            check(checkpoints.param_shapes(step))
-        return checkpoints.restore_params(step, abstract_params, subtree), step
+        return found
     finally:
         checkpoints.close()
 

@@ -124,13 +124,13 @@ class _Run:
 
 def _restore_or_init(setup: Setup, checkpoints: Checkpointer, config: TrainConfig, mesh, rules,
                      data_iter):
-    """(state, meta, step restored from or None) of the latest checkpoint, else fresh."""
-    latest = checkpoints.latest_step()
-    if latest is None:
+    """(state, meta, step restored from or None): the newest checkpoint that reads back
+    whole (damaged newer ones are skipped, saying why), else a fresh state."""
+    found = checkpoints.restore_latest(setup.abstract, data_iter)
+    if found is None:
         state = initial_state(setup, config, mesh, rules)
         return state, {"best_eval_loss": None, "best_step": None}, None
-    state, meta = checkpoints.restore(latest, setup.abstract, data_iter)
-    return state, meta, latest
+    return found
 
 
 def train(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str,
