@@ -4,11 +4,14 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from lmjax.models import GPTConfig
 from lmjax.ps.config import PSConfig
@@ -97,6 +100,42 @@ def test_killed_server_resumes_from_checkpoint(tmp_path):
     log = Path(tmp_path, "logs", "server0.log").read_text()
     assert log.count("Traceback") == 0
     assert not leftover_processes(tmp_path)
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_coordinator_listens_on_loopback_only(tmp_path):
+    """The coordination service (and its unauthenticated key-value store) binds
+    127.0.0.1, not every interface."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmjax.main", "ps", f"--workdir={tmp_path}",
+                             f"--gin_file={SYNC}", "--gin_param=ps.num_updates=40"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, deadline = set(), time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline and not seen:
+            spec = Path(tmp_path, "ps_spec.json")
+            if spec.exists():
+                port = int(json.loads(spec.read_text())["coordinator"].rsplit(":", 1)[1])
+                seen = _listening(port)
+            time.sleep(0.2)
+    finally:
+        code = proc.wait(timeout=400)
+    assert code == 0, proc.stderr.read()[-3000:]
+    assert seen and seen <= LOOPBACK, seen
 
 
 def test_port_in_use_fails_before_starting(tmp_path):

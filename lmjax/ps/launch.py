@@ -148,9 +148,12 @@ def start_coordinator(spec: RunSpec, joined: threading.Event, holder: dict) -> N
 
     try:
         configure_jax(spec)
+        # Bind the service to the spec's address (127.0.0.1 for local runs): JAX's
+        # default listens on every interface, and the key-value store has no password.
         jax.distributed.initialize(spec.coordinator, spec.num_processes, 0,
                                    initialization_timeout=spec.ps.join_timeout + 60,
-                                   heartbeat_timeout_seconds=spec.ps.heartbeat_timeout)
+                                   heartbeat_timeout_seconds=spec.ps.heartbeat_timeout,
+                                   coordinator_bind_address=spec.coordinator)
         jax.devices()
         holder["client"] = kv_client()
     except Exception as err:  # noqa: BLE001  (reported by the supervisor's loop)
