@@ -102,7 +102,7 @@ def ps(args: argparse.Namespace) -> dict:
     from lmjax.ps.run import run_ps
 
     return run_ps(workdir=args.workdir, config=configs.bound(PSConfig),
-                  data_config=configs.bound(LMDataConfig),
+                  data_config=configs.bound(LMDataConfig), overwrite=args.overwrite,
                   on_ready=lambda: write_config(args.workdir))
 
 

@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     sample.add_argument("--top_k", type=int, default=200, help="0 for no top-k cut")
     sample.add_argument("--seed", type=int, default=0)
+    ps = parser.add_argument_group("ps")
+    ps.add_argument("--overwrite", action="store_true",
+                    help="start over in a workdir that holds an earlier parameter-server "
+                    "run (its metrics, summary, logs and shard checkpoints are deleted)")
     bench = parser.add_argument_group("bench")
     bench.add_argument("--bench_steps", type=int, default=20, help="timed steps")
     serve = parser.add_argument_group("serve")

@@ -138,6 +138,36 @@ def test_coordinator_listens_on_loopback_only(tmp_path):
     assert seen and seen <= LOOPBACK, seen
 
 
+def test_children_die_with_a_supervisor_killed_at_once(tmp_path):
+    """The role processes tie themselves to the supervisor before their imports, so a
+    supervisor killed as soon as they exist leaves none behind."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmjax.main", "ps", f"--workdir={tmp_path}",
+                             f"--gin_file={SYNC}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not leftover_processes(tmp_path) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its children started"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)  # the imports of a role take seconds; dying takes milliseconds
+    assert not leftover_processes(tmp_path)
+
+
+def test_a_rerun_refuses_to_delete_an_earlier_run_unless_asked(tmp_path):
+    inproc = "ps.transport='inproc'"
+    assert run_ps(tmp_path, SYNC, inproc, "ps.num_updates=3").returncode == 0
+    before = Path(tmp_path, "metrics.jsonl").read_text()
+    again = run_ps(tmp_path, SYNC, inproc, "ps.num_updates=4")
+    assert again.returncode == 1 and "pass --overwrite" in again.stderr
+    assert Path(tmp_path, "metrics.jsonl").read_text() == before  # nothing deleted
+    args = ["ps", f"--workdir={tmp_path}", f"--gin_file={SYNC}", "--overwrite",
+            f"--gin_param={inproc}", "--gin_param=ps.num_updates=4"]
+    assert run_cli(*args).returncode == 0
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_port_in_use_fails_before_starting(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ RUNS = {
 
 def run(name: str, gin_file: str, params: list[str], workdir: str, updates: int) -> dict:
     common = ["ps.num_servers=2", "ps.num_workers=4", f"ps.num_updates={updates}"]
-    cmd = [sys.executable, "-m", "lmjax.main", "ps", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "lmjax.main", "ps", f"--workdir={workdir}", "--overwrite",
            f"--gin_file={gin_file}", *[f"--gin_param={p}" for p in common + params]]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode:

@@ -14,7 +14,6 @@ no --process_id, jax.distributed detects SLURM or Open MPI and the rank picks th
 """
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ import threading
 import time
 
 from lmjax.errors import RunError
+from lmjax.ps.child import PARENT_ENV
 from lmjax.ps.config import PSConfig, parse_fault
 from lmjax.ps.kv import is_missing
 from lmjax.ps.roles import (
@@ -37,7 +37,6 @@ from lmjax.ps.roles import (
 
 TOLERANT = {"async", "ssp", "softsync", "backup"}  # policies that go on without a worker
 POLL_SECONDS = 0.2
-PARENT_ENV = "LMJAX_PS_SUPERVISOR"
 
 
 class LaunchError(RunError, RuntimeError):
@@ -53,20 +52,6 @@ def check_port(port: int) -> int:
             raise LaunchError(f"port {port} on 127.0.0.1 is in use ({err.strerror}); set "
                               "ps.port=0 to pick a free port, or stop what holds it") from err
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """A child asks for SIGKILL when the supervisor dies, even by SIGKILL (Linux prctl);
-    set in the child itself, since forking with a hook is unsafe in a threaded parent."""
-    parent = os.environ.get(PARENT_ENV)
-    if parent is None:
-        return
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() != int(parent):  # the supervisor died before the prctl call
-        os._exit(1)
 
 
 def child_env() -> dict:
@@ -100,7 +85,7 @@ class Supervisor:
 
     def start(self, pid: int) -> None:
         log = open(os.path.join(self.logs, f"{self.name(pid)}.log"), "a")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "lmjax.ps.launch", f"--spec={self.spec_path}",
+        cmd = [sys.executable, "-m", "lmjax.ps.child", f"--spec={self.spec_path}",
                f"--process_id={pid}"]
         self.procs[pid] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                            env=child_env())
@@ -290,7 +275,6 @@ def role_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--coordinator", default=None, help="host:port (default: the spec's)")
     args = parser.parse_args(argv)
-    _die_with_parent()
     spec = RunSpec.load(args.spec)
     import jax
 

@@ -58,31 +58,44 @@ def check(config: ps_config.PSConfig) -> None:
     ps_config.validate(config, len(param_shapes(config.model)), known)
 
 
-def _start_over(workdir: str) -> None:
+def _earlier_run(workdir: str) -> list[str]:
+    """What an earlier run left in `workdir`: metrics, summary, logs, shard checkpoints."""
+    if not os.path.isdir(workdir):
+        return []
+    return sorted(name for name in os.listdir(workdir)
+                  if name in ("logs", "metrics.jsonl", "summary.json", "tensorboard")
+                  or name.startswith("server"))
+
+
+def _start_over(workdir: str, overwrite: bool) -> None:
     """A run starts from scratch: shard checkpoints only serve restarts within a run,
-    because the gradients they wait for live in that run's coordination service."""
+    because the gradients they wait for live in that run's coordination service. An
+    earlier run's files are deleted only when asked (`--overwrite`)."""
+    earlier = _earlier_run(workdir)
+    if earlier and not overwrite:
+        raise ValueError(f"{workdir} holds an earlier parameter-server run "
+                         f"({', '.join(earlier)}); use a new --workdir, or pass --overwrite "
+                         "to delete it and start over")
     os.makedirs(workdir, exist_ok=True)
-    for name in os.listdir(workdir):
+    for name in earlier:
         path = os.path.join(workdir, name)
-        if name in ("logs", "metrics.jsonl", "summary.json", "tensorboard") or \
-                name.startswith("server"):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def run_ps(*, workdir: str, config: ps_config.PSConfig, data_config: LMDataConfig,
-           on_ready=None) -> dict:
+           overwrite: bool = False, on_ready=None) -> dict:
     """Checks the config, then runs the job; metrics go to workdir/metrics.jsonl.
 
     The model's vocabulary comes from the data's tokenizer (saved in WORKDIR/tokenizer)."""
     check(config)  # the number of parameter arrays does not depend on the vocabulary
+    _start_over(workdir, overwrite)
     data = load_lm_data(**dataclasses.asdict(data_config),
                         tokenizer_dir=os.path.join(workdir, "tokenizer"))
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, vocab_size=data.tokenizer.vocab_size))
-    _start_over(workdir)
     if on_ready is not None:
         on_ready()
     summary = TRANSPORTS.get(config.transport)(workdir=workdir, config=config, data=data,
