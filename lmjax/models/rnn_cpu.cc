@@ -35,7 +35,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// One vector register's floats. A wider vector type than the registers (16 floats on
+// AVX2) compiles to pairs of registers, and the product's blocks of accumulators then no
+// longer fit in the register file: every step spills to memory.
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline vf load(const float* p) {
@@ -50,6 +57,8 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) {
 #ifdef __AVX512F__
   return reinterpret_cast<vf>(_mm512_set1_ps(x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_set1_ps(x));
 #else
   return vf{} + x;
 #endif
@@ -64,7 +73,7 @@ inline vf recip(vf x) {
 #endif
 }
 
-// tanh on 16 lanes as a rational function of x, p(x) / q(x) on [-7.9, 7.9] (the
+// tanh on a vector as a rational function of x, p(x) / q(x) on [-7.9, 7.9] (the
 // minimax coefficients Eigen and XLA's CPU backend use; a few ulps), sigmoid from it:
 // no exp, one reciprocal. The ragged tail of a row uses <cmath>.
 inline vf vtanh(vf x) {
@@ -90,7 +99,7 @@ inline float ssigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // C (m x n, row stride ldc) += A (m x k, stride lda) @ B (k x n, stride ldb); with
 // `transposed`, A is stored as its transpose (k x m, stride lda): C += A^T B over k rows.
-// Register blocks of MR rows x NV * 16 columns; B's panel of 16 NV columns stays in L1
+// Register blocks of MR rows x NV vectors; B's panel of NV vectors' columns stays in L1
 // while every row block passes over it.
 template <int MR, int NV, bool transposed>
 inline void block(int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
@@ -113,7 +122,7 @@ inline void block(int k, const float* a, int lda, const float* b, int ldb, float
 #ifdef __AVX512F__
 constexpr int kMaxRows = 6;  // 6 x 4 accumulators + 4 panel vectors fit 32 registers
 #else
-constexpr int kMaxRows = 3;
+constexpr int kMaxRows = 3;  // of 16 registers (AVX2)
 #endif
 
 template <int NV, bool transposed = false>
@@ -192,7 +201,7 @@ void gemm_acc(int m, const Panels& b, const float* a, int lda, float* c, int ldc
   int col = b.full;
   for (; col + kLanes <= b.n; col += kLanes)
     row_blocks<1>(m, b.k, a, lda, b.b + col, b.ldb, c + col, ldc);
-  for (; col < b.n; ++col)  // columns past the last multiple of 16
+  for (; col < b.n; ++col)  // columns past the last whole vector
     for (int r = 0; r < m; ++r) {
       float s = 0.0f;
       for (int p = 0; p < b.k; ++p) s += a[r * lda + p] * b.b[p * b.ldb + col];
@@ -860,11 +869,11 @@ ffi::Error GradientSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d,
 // Why: at char-rnn's 65 symbols each of the head's three products (XLA's two and
 // GradientSums) has one column past a multiple of 16 and ran at about half the speed it
 // has at 64 columns, and XLA's softmax is half a dozen small kernels. Here rows go in chunks of kXentRows, and every chunk's logits or gradient live
-// in a buffer of Vp = V rounded up to 16 columns (zero weights past V), in L1, from the
+// in a buffer of Vp = V rounded up to whole vectors (zero weights past V), in L1, from the
 // product that makes them to the ones that read them.
 constexpr int kXentRows = 64;
 
-// exp on 16 lanes (Cephes' expf: 2^n e^r, |r| <= ln2 / 2, a degree-7 polynomial in r;
+// exp on a vector (Cephes' expf: 2^n e^r, |r| <= ln2 / 2, a degree-7 polynomial in r;
 // about 1 ulp); 0 below -87.3 (where expf leaves the normal floats), -inf included;
 // NaN stays NaN.
 inline vf vexp(vf x) {
@@ -893,7 +902,7 @@ inline vf vexp(vf x) {
 inline int padded(int v) { return (v + kLanes - 1) / kLanes * kLanes; }
 
 struct Xent {
-  int rows, in, vocab, vp;  // vp: vocab rounded up to 16
+  int rows, in, vocab, vp;  // vp: vocab rounded up to whole vectors
   const float *x, *bias;
   const int32_t* targets;
 
