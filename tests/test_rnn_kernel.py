@@ -1,4 +1,4 @@
-"""The compiled LSTM and GRU CPU kernels (lmjax/models/rnn_cpu.cc): they build, the
+"""The compiled LSTM and GRU CPU kernels (lmjax/kernels/rnn_cpu.cc): they build, the
 layers use them, and they equal the plain `lax.scan` differentiated by JAX, as do the XLA
 fallbacks."""
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.models import rnn, rnn_cpu
+from lmjax.kernels import rnn_cpu
+from lmjax.models import rnn
 from lmjax.parallel import make_mesh
 
 

@@ -6,7 +6,7 @@
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
   the recurrence, the weight-gradient sums and the head's softmax cross-entropy in the
-  compiled CPU kernels of lmjax/models/rnn_cpu.cc), run as the training loop runs it:
+  compiled CPU kernels of lmjax/kernels/rnn_cpu.cc), run as the training loop runs it:
   `train.steps_per_call` of the config (25) steps per compiled call, each call's time
   divided by its steps;
 * lmjax-1: the same step, one per call (what the loop does with steps_per_call = 1);
@@ -47,7 +47,8 @@ import optax
 from flax import linen as nn
 
 from lmjax.data.pipelines import load_lm_data
-from lmjax.models import rnn, rnn_cpu
+from lmjax.kernels import rnn_cpu
+from lmjax.models import rnn
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 from lmjax.train.state import create_task_state

@@ -15,7 +15,7 @@ Speed on small CPUs comes from the layout, not from the cells' arithmetic:
   padding select when there is no mask, and saves the activations, so the backward pass
   evaluates no transcendental and does one matrix product per step;
 * on the CPU, for float32, `lstm_scan` runs that same recurrence, forward and backward, in
-  a compiled kernel called through XLA's FFI (lmjax/models/rnn_cpu.py), one call for the
+  a compiled kernel called through XLA's FFI (lmjax/kernels/rnn_cpu.py), one call for the
   whole time loop; the `lax.scan` passes above are its fallback and reference. The GRU
   has the same kind of kernel (`gru_scan`), with the generic scan below as fallback;
 * LSTM and Elman layers fed by a projection add b_i to the recurrence's bias rather than
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from lmjax.models import layers, rnn_cpu
+from lmjax.kernels import rnn_cpu
+from lmjax.models import layers
 from lmjax.models.classifiers import mlp_head
 from lmjax.models.registry import MODELS
 

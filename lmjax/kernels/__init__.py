@@ -1,0 +1,1 @@
+"""Compiled kernels that stand in for parts of the models on particular backends."""
