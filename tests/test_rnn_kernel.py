@@ -19,9 +19,10 @@ def test_kernel_builds_and_registers():
     assert rnn_cpu.unavailable_reason() is None
 
 
-def _inputs(cell, time=13, batch=37, hidden=40, seed=0):
-    """37 rows: several parts of rows, so several threads; 40 hidden units: two 16-lane
-    vectors and a ragged tail of 8 in every row."""
+def _inputs(cell, time=13, batch=37, hidden=37, seed=0):
+    """37 rows: several parts of rows, so several threads; 37 hidden units: whole vectors
+    (16 floats with AVX-512, 8 with AVX2) and a ragged tail in every row, and gate
+    columns past the last whole vector in every product."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape, scale=1.0):
@@ -52,14 +53,14 @@ def test_scan_equals_plain_scan(cell, reverse, masked):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 def test_scan_equals_plain_scan_whole_panels(cell, masked):
-    """72 hidden units: one whole 64-column panel of W_h (and of W_h^T, which the backward
-    kernels pack from W_h) besides a ragged tail. Outputs within float32's 1e-5: at this
-    width the kernel's GRU and XLA's float32 scan are each about 1e-6 from a float64 scan,
-    so they can differ by twice that."""
+    """72 hidden units: whole panels of four vectors of W_h (and of W_h^T, which the
+    backward kernels pack from W_h) besides the columns past them. Outputs within
+    float32's 1e-5: at this width the kernel's GRU and XLA's float32 scan are each about
+    1e-6 from a float64 scan, so they can differ by twice that."""
     _check_against_plain_scan(cell, False, masked, hidden=72, out_atol=1e-5)
 
 
-def _check_against_plain_scan(cell, reverse, masked, hidden=40, out_atol=1e-6):
+def _check_against_plain_scan(cell, reverse, masked, hidden=37, out_atol=1e-6):
     args, resets, mask, weights = _inputs(cell, hidden=hidden)
     mask = mask if masked else None
 
@@ -119,12 +120,12 @@ def test_lm_training_step_runs_the_kernel(cell):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_lm_gradients_auto_equal_xla(cell):
     """The whole LM's loss and gradients with kernel='auto' (the kernels, here) equal those
-    with kernel='xla' (JAX's own autodiff of the scan); 40 hidden units: ragged panels
+    with kernel='xla' (JAX's own autodiff of the scan); 37 hidden units: ragged panels
     everywhere."""
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 23, size=(9, 11)), jnp.int32)
     resets = jnp.asarray(rng.random((9, 11)) < 0.1)
-    config = rnn.RNNConfig(cell=cell, vocab_size=23, embed_dim=24, hidden_dim=40, num_layers=2)
+    config = rnn.RNNConfig(cell=cell, vocab_size=23, embed_dim=24, hidden_dim=37, num_layers=2)
     params = rnn.RNNLM(config).init(jax.random.key(0), tokens)["params"]
     carry = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
                          config.zero_carry(9))
@@ -149,11 +150,11 @@ def test_bilstm_kernel_gradients_equal_xla():
     rng = np.random.default_rng(1)
     xs = jnp.asarray(rng.normal(size=(7, 10, 24)), jnp.float32)
     mask = jnp.asarray(np.arange(10)[None] < rng.integers(3, 11, size=(7, 1)))
-    weights = jnp.asarray(rng.normal(size=(7, 10, 80)), jnp.float32)
-    params = rnn.BiLayer("lstm", 40).init(jax.random.key(0), xs, mask)["params"]
+    weights = jnp.asarray(rng.normal(size=(7, 10, 74)), jnp.float32)
+    params = rnn.BiLayer("lstm", 37).init(jax.random.key(0), xs, mask)["params"]
     results = {}
     for kernel in ("cpu", "xla"):
-        layer = rnn.BiLayer("lstm", 40, kernel=kernel)
+        layer = rnn.BiLayer("lstm", 37, kernel=kernel)
 
         def loss(p, xs, layer=layer):
             return jnp.sum(layer.apply({"params": p}, xs, mask) * weights)
@@ -182,7 +183,7 @@ def test_lm_losses_equal_xla_and_sharded():
     fns = {}
     for kernel in ("cpu", "xla"):
         model = rnn.RNNLM(rnn.RNNConfig(cell="lstm", vocab_size=23, embed_dim=24,
-                                        hidden_dim=40, num_layers=2, kernel=kernel))
+                                        hidden_dim=37, num_layers=2, kernel=kernel))
 
         def loss(p, model=model):
             losses, _ = model.apply({"params": p}, tokens, targets=targets)

@@ -144,8 +144,8 @@ void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, 
   }
 }
 
-// B (k x n, row stride ldb) copied into panels of up to kPanelRows rows x 64 columns,
-// each contiguous (32 KB, L1-sized), for the columns in whole 64-column panels. Read in
+// B (k x n, row stride ldb) copied into panels of up to kPanelRows rows x kPanelCols
+// columns (4 vectors), each contiguous and L1-sized, for the columns in whole panels. Read in
 // place, B's rows (2 KB apart for n = 512) fall in a few L1 sets and evict each other, so
 // every row block would fetch its panel from L2 again.
 // With `transposed`, `b` holds B's transpose (n x k, row stride ldb): the backward kernels
@@ -154,7 +154,7 @@ void row_blocks(int m, int k, const float* a, int lda, const float* b, int ldb, 
 constexpr int kPanelCols = 4 * kLanes, kPanelRows = 128;
 
 struct Panels {
-  int k, n, ldb, full;  // full: the columns packed (a multiple of 64)
+  int k, n, ldb, full;  // full: the columns packed (a multiple of kPanelCols)
   const float* b;       // B (k x n, row stride ldb), for the columns past `full`
   std::vector<float> data, b_copy;  // b_copy: B, for those columns, given its transpose
 
