@@ -12,8 +12,8 @@ The layout is what makes them fast, not the cells' arithmetic:
 `recurrence` is the one place a layer's time loop may leave this file: with the config's
 `kernel` field at "auto" (the default) or "cpu", the LSTM's and GRU's run in the compiled
 CPU kernels of lmjax/kernels where those can run (float32 on XLA's CPU backend with a
-working C++ compiler); elsewhere, and always with "xla", in the `lax.scan` here, which
-the kernels are tested against.
+working C++ compiler; "cpu" raises where they cannot); elsewhere, and always with "xla",
+in the `lax.scan` here, which the kernels are tested against.
 
 Gate order and equations follow PyTorch's `nn.LSTM`/`nn.GRU` (see each cell's docstring),
 so the NumPy reference in tests/test_rnn.py is a transcription of those documented
