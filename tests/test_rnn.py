@@ -1,6 +1,5 @@
 """RNN family: cells equal NumPy, bidirectional and TBPTT equivalences, sharding, resume."""
 
-import functools
 import json
 import os
 
@@ -52,13 +51,15 @@ def numpy_layer(cell, params, xs, h0, c0=None, resets=None):
     return np.stack(outs, 1), h, c
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_cell_equals_numpy_equations(cell):
+@pytest.mark.parametrize(("cell", "kernel"), [("lstm", "xla"), ("lstm", "auto"), ("gru", "xla"),
+                                           ("gru", "auto"), ("rnn", "xla")])
+def test_cell_equals_numpy_equations(cell, kernel):
+    """XLA's scan, and with kernel='auto' the LSTM and GRU CPU kernels, against NumPy."""
     rng = np.random.default_rng(0)
     batch, time, features, hidden = 3, 7, 5, 6
     xs = rng.normal(size=(batch, time, features)).astype(np.float32)
     resets = rng.random((batch, time)) < 0.2
-    layer = rnn.RecurrentLayer(cell, hidden, unroll=3)
+    layer = rnn.RecurrentLayer(cell, hidden, unroll=3, kernel=kernel)
     h0 = rng.normal(size=(batch, hidden)).astype(np.float32)
     carry = (h0, rng.normal(size=(batch, hidden)).astype(np.float32)) if cell == "lstm" else h0
     params = nn.unbox(layer.init(jax.random.key(1), xs, carry))["params"]
@@ -239,39 +240,6 @@ def test_steps_per_call_equals_one_step_per_call(tmp_path):
             <= 1e-6, (a, b)
     assert abs(_records(runs[3], "eval")[-1]["loss"] - _records(runs[1], "eval")[-1]["loss"]) \
         <= 1e-6
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_hand_written_backward_equals_autodiff(cell, reverse):
-    """recurrent_scan's custom VJP against JAX's own derivative of the plain scan."""
-    rng = np.random.default_rng(3)
-    time, batch, hidden = 6, 3, 4
-    gates = rnn.CELLS[cell].gates
-    w_h, b_h = (jnp.asarray(rng.normal(size=s), jnp.float32) * 0.5
-                for s in ((hidden, gates, hidden), (gates, hidden)))
-    gates_x = jnp.asarray(rng.normal(size=(time, batch, gates, hidden)), jnp.float32)
-    carry = rnn.zero_carry(cell, batch, hidden)
-    carry = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), carry)
-    resets = jnp.asarray(rng.random((time, batch)) < 0.2)
-    mask = jnp.asarray(rng.random((time, batch)) < 0.8)
-    weights = jnp.asarray(rng.normal(size=(time, batch, hidden)), jnp.float32)
-
-    def loss(scan, *args):
-        outs, final = scan(cell, reverse, 1, *args, resets, mask)
-        return jnp.sum(outs * weights) + sum(jnp.sum(x ** 2) for x in jax.tree.leaves(final))
-
-    args = (w_h, b_h, gates_x, carry)
-    want = jax.grad(functools.partial(loss, rnn.reference_scan), argnums=(0, 1, 2, 3))(*args)
-    got = jax.grad(functools.partial(loss, rnn.recurrent_scan), argnums=(0, 1, 2, 3))(*args)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    # Forward values element by element (the loss is a sum whose terms cancel, so its
-    # relative error says little about them).
-    got, want = (scan(cell, reverse, 1, *args, resets, mask)
-                 for scan in (rnn.recurrent_scan, rnn.reference_scan))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_resume_with_another_batch_size_names_the_carried_state(tmp_path):

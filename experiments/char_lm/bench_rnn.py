@@ -5,13 +5,13 @@
 
 * lmjax: the real training step of `configs/experiments/char_lstm.gin` (trainer.build
   with the truncated-BPTT task: carried state, hoisted input projections, fused gates,
-  the recurrence, the weight-gradient sums and the head's softmax cross-entropy in the
-  compiled CPU kernels of lmjax/models/rnn_cpu.cc), run as the training loop runs it:
+  `RNNConfig.kernel = 'auto'`, so the recurrence runs in the compiled CPU kernels of
+  lmjax/kernels/rnn_cpu.cc where they can run), run as the training loop runs it:
   `train.steps_per_call` of the config (25) steps per compiled call, each call's time
   divided by its steps;
 * lmjax-1: the same step, one per call (what the loop does with steps_per_call = 1);
-* lmjax-xla: the same, one per call, with the recurrence as lmjax's XLA scan (the kernel
-  off);
+* lmjax-xla: the same, one per call, with `RNNConfig.kernel = 'xla'`: the recurrence as
+  lmjax's `lax.scan`, differentiated by JAX;
 * flax: a plain stack of `nn.RNN(nn.OptimizedLSTMCell(128))` (`nn.GRUCell` for the GRU),
   same sizes and optimiser;
 * torch: `nn.LSTM(128, 128, num_layers=2)` or `nn.GRU` (skipped with a message if torch
@@ -47,7 +47,7 @@ import optax
 from flax import linen as nn
 
 from lmjax.data.pipelines import load_lm_data
-from lmjax.models import rnn, rnn_cpu
+from lmjax.models import rnn
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
 from lmjax.train.state import create_task_state
@@ -58,15 +58,14 @@ HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
 LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 
 
-def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True,
+def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: str = "auto",
                  steps_per_call: int = 1):
     """A function running `steps_per_call` training steps of lmjax's own trainer in one
     call (`trainer.advance`, as the training loop runs them with train.steps_per_call),
-    and the last loss; without `kernel` the step is compiled
-    with the XLA scan instead of the LSTM CPU kernel. `scratch` is an empty directory for
+    and the last loss; `kernel` is RNNConfig.kernel. `scratch` is an empty directory for
     the (never written) checkpoints."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
-                           num_layers=LAYERS, block_size=LENGTH, unroll=unroll)
+                           num_layers=LAYERS, block_size=LENGTH, unroll=unroll, kernel=kernel)
     train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
                                 learning_rate=LR, min_lr=LR, warmup_steps=0, beta2=DECAY,
                                 grad_clip=CLIP, steps_per_call=steps_per_call)
@@ -83,13 +82,6 @@ def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: bool = True
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             box["state"], metrics = trainer.advance(setup, box["state"], batches, steps_per_call)
         return float(jax.block_until_ready(metrics["loss"]).reshape(-1)[-1])
-
-    if not kernel:  # the step compiles at its first call: trace it with the kernel off
-        first = step
-
-        def step():
-            with rnn_cpu.disabled():
-                return first()
 
     return step
 
@@ -265,7 +257,7 @@ def main() -> None:
                                      steps_per_call=per_call["lmjax"]),
                "lmjax-1": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/one"),
                "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/xla",
-                                         kernel=False),
+                                         kernel="xla"),
                "flax": flax_runner(data, args.cell)}
     try:
         import torch
