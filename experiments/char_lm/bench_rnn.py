@@ -31,12 +31,9 @@ same rounds: how close each step runs to what a matrix product reaches on this m
 """
 
 import argparse
-import atexit
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 
 import gin
@@ -50,7 +47,8 @@ from lmjax.data.pipelines import load_lm_data
 from lmjax.models import rnn
 from lmjax.parallel import RULES, make_mesh
 from lmjax.train import trainer
-from lmjax.train.state import create_task_state
+from lmjax.train.config import TrainConfig
+from lmjax.train.state import create_state
 from lmjax.train.tasks import StreamLMTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,25 +56,22 @@ HIDDEN, LAYERS, LENGTH, BATCH, VOCAB = 128, 2, 50, 50, 65
 LR, DECAY, CLIP = 2e-3, 0.95, 5.0
 
 
-def lmjax_runner(data, cell: str, unroll: int, scratch: str, kernel: str = "auto",
-                 steps_per_call: int = 1):
+def lmjax_runner(data, cell: str, unroll: int, kernel: str = "auto", steps_per_call: int = 1):
     """A function running `steps_per_call` training steps of lmjax's own trainer in one
     call (`trainer.advance`, as the training loop runs them with train.steps_per_call),
-    and the last loss; `kernel` is RNNConfig.kernel. `scratch` is an empty directory for
-    the (never written) checkpoints."""
+    and the last loss; `kernel` is RNNConfig.kernel."""
     config = rnn.RNNConfig(cell=cell, vocab_size=VOCAB, embed_dim=HIDDEN, hidden_dim=HIDDEN,
                            num_layers=LAYERS, block_size=LENGTH, unroll=unroll, kernel=kernel)
-    train = trainer.TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
-                                learning_rate=LR, min_lr=LR, warmup_steps=0, beta2=DECAY,
-                                grad_clip=CLIP, steps_per_call=steps_per_call)
+    train = TrainConfig(num_steps=10**6, batch_size=BATCH, optimizer="rmsprop",
+                        learning_rate=LR, min_lr=LR, warmup_steps=0, beta2=DECAY,
+                        grad_clip=CLIP, steps_per_call=steps_per_call)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = RULES.get("fsdp_tensor")
-    task = StreamLMTask(rnn.RNNLM(config), data, LENGTH, config.zero_carry)
-    setup = trainer.build(None, train, mesh, rules, scratch, task=task)
-    setup.checkpoints.close()
+    task = StreamLMTask(config, data)
+    setup = trainer.build(task, train, mesh, rules)
     batches = task.train_iterator(BATCH, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        box = {"state": create_task_state(task, setup.tx, BATCH, 0, mesh, rules)}
+        box = {"state": create_state(task, setup.tx, BATCH, 0, mesh, rules)}
 
     def step():
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -218,7 +213,7 @@ def gemm_runner():
 def config_steps_per_call(cell: str) -> int:
     """train.steps_per_call of configs/experiments/char_{cell}.gin: how the training loop
     runs the steps timed in the `lmjax` row."""
-    from lmjax import entry  # noqa: F401  (registers the configurables)
+    from lmjax import configs  # noqa: F401  (registers the configurables)
 
     gin.add_config_file_search_path(REPO)
     gin.parse_config_file(os.path.join(REPO, "configs", "experiments", f"char_{cell}.gin"))
@@ -248,16 +243,11 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]  # other work on the machine (the bench adds its own)
     data = load_lm_data("tiny_shakespeare")
-    # Removed at exit, not when the runners are built: orbax's checkpoint manager scans its
-    # directory for stale temporaries in a background thread that close() does not await.
-    scratch = tempfile.mkdtemp(prefix="lmjax-bench-rnn-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     per_call = {"lmjax": config_steps_per_call(args.cell), "lmjax-1": 1}
-    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/kernel",
+    runners = {"lmjax": lmjax_runner(data, args.cell, args.unroll,
                                      steps_per_call=per_call["lmjax"]),
-               "lmjax-1": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/one"),
-               "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, f"{scratch}/xla",
-                                         kernel="xla"),
+               "lmjax-1": lmjax_runner(data, args.cell, args.unroll),
+               "lmjax-xla": lmjax_runner(data, args.cell, args.unroll, kernel="xla"),
                "flax": flax_runner(data, args.cell)}
     try:
         import torch

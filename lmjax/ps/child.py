@@ -7,6 +7,7 @@ child with it. It imports only the standard library until then.
 
 import ctypes
 import os
+import runpy
 import signal
 
 PARENT_ENV = "LMJAX_PS_SUPERVISOR"  # the supervisor's pid, set in the child's environment
@@ -28,6 +29,5 @@ def die_with_parent() -> None:
 
 if __name__ == "__main__":
     die_with_parent()
-    from lmjax.ps.launch import role_main
-
-    role_main()
+    # Then the role itself, as the program `python -m lmjax.ps.launch ARGS` would run it.
+    runpy.run_module("lmjax.ps.launch", run_name="__main__", alter_sys=True)
