@@ -51,8 +51,8 @@ class ToyLM(nn.Module):
 
 def _cli(*args: str, env: dict | None = None, blocked: tuple[str, ...] = ()):
     """`python -m lmjax.main ARGS` in a subprocess where importing `blocked` fails."""
-    code = ("import sys; sys.modules.update(dict.fromkeys(%r)); "
-            "from lmjax.main import main; sys.argv = ['lmjax', *%r]; main()" % (blocked, args))
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            f"from lmjax.main import main; sys.argv = ['lmjax', *{args!r}]; main()")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
