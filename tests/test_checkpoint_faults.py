@@ -24,17 +24,23 @@ from lmjax.train.state import abstract_params
 from lmjax.train.tasks import LMTask
 
 
-def _largest_chunk(step_dir: Path) -> Path:
-    chunks = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
-    return max(chunks, key=lambda p: p.stat().st_size)
+def _chunks(step_dir: Path) -> list[Path]:
+    """The state's data files. All of them are damaged: which one holds the parameters
+    (rather than the optimiser's moments) differs from run to run."""
+    chunks = [p for p in (step_dir / "state").rglob("*")
+              if p.is_file() and p.parent.name == "d"]
+    assert chunks, f"no data files under {step_dir / 'state'}"
+    return chunks
+
+
+def _for_each_chunk(damage):
+    return lambda step_dir: [damage(chunk) for chunk in _chunks(step_dir)]
 
 
 DAMAGES = {
-    "chunk_deleted": lambda d: _largest_chunk(d).unlink(),
-    "chunk_truncated": lambda d: _largest_chunk(d).write_bytes(
-        _largest_chunk(d).read_bytes()[:10]),
-    "chunk_overwritten": lambda d: _largest_chunk(d).write_bytes(
-        b"\0" * _largest_chunk(d).stat().st_size),
+    "chunk_deleted": _for_each_chunk(Path.unlink),
+    "chunk_truncated": _for_each_chunk(lambda p: p.write_bytes(p.read_bytes()[:10])),
+    "chunk_overwritten": _for_each_chunk(lambda p: p.write_bytes(b"\0" * p.stat().st_size)),
     "state_metadata_deleted": lambda d: (d / "state" / "_METADATA").unlink(),
     "meta_deleted": lambda d: (d / "meta" / "metadata").unlink(),
     "state_folder_deleted": lambda d: shutil.rmtree(d / "state"),
