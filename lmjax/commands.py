@@ -75,9 +75,10 @@ def sample(args: argparse.Namespace) -> str:
     from lmjax.serve import sample as sampling
     from lmjax.serve.generate import SamplingParams
 
-    loaded = sampling.load_best(args.workdir, configs.bound(TrainConfig))
+    # Checked before the checkpoint loads: a bad option fails at once (ValueError, exit 1).
     options = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k or 0, seed=args.seed)
+    loaded = sampling.load_best(args.workdir, configs.bound(TrainConfig))
     text = sampling.sample(loaded, args.prompt, options)
     print(text)
     return text

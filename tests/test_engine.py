@@ -7,6 +7,7 @@ generates; the schedulers keep their invariants.
 import dataclasses
 import functools
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -300,3 +301,108 @@ def test_unknown_scheduler_lists_the_known_ones():
     assert SCHEDULERS.names() == ["fcfs", "mlfq"]
     with pytest.raises(KeyError, match="fcfs, mlfq"):
         make_scheduler("sjf")
+
+
+# -- one job's failure stays its own ------------------------------------------------------
+
+
+def _unrepresentable(opts: SamplingParams, **fields) -> SamplingParams:
+    """Options past SamplingParams' checks, as a bug or a future field could produce."""
+    for name, value in fields.items():
+        object.__setattr__(opts, name, value)
+    return opts
+
+
+@pytest.mark.parametrize("when", ["first token", "decode step"])
+def test_a_job_that_fails_to_sample_fails_alone(when):
+    """top_k 2**31 does not fit the sampler's int32 (the reported crash): that job fails,
+    in its prefill or in a batched decode step, and the others generate what they
+    generate alone; the engine goes on."""
+    decoder, params = _setup()
+    engine = Engine(decoder, params, FCFS(), slots=4, clock=_ticks())
+    requests = _requests()[:3]
+    jobs = [engine.submit(p, o) for p, o in requests]
+    bad_opts = SamplingParams(max_new_tokens=10, temperature=0.5)
+    if when == "first token":
+        _unrepresentable(bad_opts, top_k=2**31)
+    bad = engine.submit([4, 5, 6], bad_opts)
+    engine.step()  # every job prefilled: the bad one, when it fails here, has failed
+    if when == "decode step":
+        _unrepresentable(bad_opts, top_k=2**31)
+    engine.run_until_idle()
+    assert bad.finish_reason == "error" and "OverflowError" in bad.error and bad.done.is_set()
+    for job, (prompt, opts) in zip(jobs, requests, strict=True):
+        assert job.out == generate(decoder, params, [prompt], opts)[0].tokens
+        assert job.finish_reason == "length"
+    assert engine.slots_in_use() == 0 and engine.pending() == 0
+    after = engine.submit([1, 2], SamplingParams(max_new_tokens=2))
+    engine.run_until_idle()
+    assert after.finish_reason == "length"
+
+
+def test_a_failing_listener_fails_only_its_job():
+    """The server's listener can fail (its event loop closed): that job ends, no other."""
+    decoder, params = _setup()
+    engine = Engine(decoder, params, FCFS(), slots=2, detokenize=detokenize)
+
+    def broken(job, text, finished):
+        raise RuntimeError("event loop is closed")
+
+    bad = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=8), broken)
+    good = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=8), lambda j, t, d: None)
+    engine.run_until_idle()
+    assert bad.finish_reason == "error" and "event loop is closed" in bad.error
+    assert good.finish_reason == "length" and len(good.out) == 8
+    assert engine.slots_in_use() == 0 and engine.pending() == 0
+
+
+def test_a_stopped_loop_fails_every_job_and_refuses_new_ones():
+    """A failure outside any job stops the loop: nothing waits forever for it, `alive`
+    says so, submit refuses, and stop does not wait out its drain timeout."""
+    decoder, params = _setup()
+    engine = Engine(decoder, params, FCFS(), slots=2)
+
+    def broken_pick(now, capacity):
+        raise RuntimeError("scheduler bug")
+
+    engine.scheduler.pick = broken_pick
+    ended = []
+    jobs = [engine.submit([1, 2], SamplingParams(max_new_tokens=5),
+                          lambda job, text, done: ended.append(done)) for _ in range(3)]
+    engine.start()
+    for job in jobs:
+        assert job.done.wait(30), "a job still waits for a loop that has stopped"
+        assert job.finish_reason == "error" and "scheduler bug" in job.error
+    assert ended == [True] * 3
+    assert engine.stopped.wait(5) and not engine.alive
+    assert isinstance(engine.error, RuntimeError) and engine.pending() == 0
+    from lmjax.serve.engine import EngineStoppedError
+
+    with pytest.raises(EngineStoppedError, match="scheduler bug"):
+        engine.submit([1], SamplingParams())
+    start = time.monotonic()
+    engine.stop(drain=True, timeout=60)
+    assert time.monotonic() - start < 5
+
+
+def test_stop_checker_is_built_once_per_job(monkeypatch):
+    """Rebuilding it every token made a long stop list cost every user (the stop strings
+    of a request are compiled into automata once, when it is queued)."""
+    import lmjax.serve.engine as engine_module
+
+    built = []
+    original = engine_module.StopChecker
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "StopChecker", counting)
+    decoder, params = _setup()
+    engine = Engine(decoder, params, FCFS(), slots=2, detokenize=detokenize)
+    jobs = [engine.submit([5, 6, 7], SamplingParams(max_new_tokens=12, temperature=0,
+                                                    stop=("never", "seen")))
+            for _ in range(2)]
+    engine.run_until_idle()
+    assert all(len(job.out) == 12 for job in jobs)
+    assert len(built) == 2

@@ -8,10 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmjax.models import GPT, GPTConfig
 from lmjax.models.transformer import stack_layers
-from lmjax.serve.generate import Decoder, SamplingParams, generate, sample_tokens
+from lmjax.serve.generate import (
+    Decoder,
+    SamplingParams,
+    StopChecker,
+    generate,
+    sample_tokens,
+)
 
 CONFIG = GPTConfig(vocab_size=65, block_size=32, num_layers=2, num_heads=4, embed_dim=32)
 
@@ -202,3 +210,102 @@ def test_bad_sampling_options_name_the_field():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 3_000_000_000),  # overflowed the sampler's int32 (`lmjax sample --top_k`)
+    ("top_k", 2**31),
+    ("top_k", -1),
+    ("seed", -1),  # overflowed the sampler's uint32
+    ("seed", 2**32),
+    ("max_new_tokens", 10**9),
+    ("max_new_tokens", 0),
+    ("temperature", float("nan")),
+    ("temperature", float("inf")),
+    ("temperature", 2.5),
+    ("top_p", float("nan")),
+    ("stop", tuple("abcdefghijklmnopq")),  # 17 strings
+    ("stop", ("x" * 257,)),
+    ("stop", ["a list"]),
+])
+def test_sampling_options_out_of_range_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_options_at_their_bounds_are_accepted_and_sample():
+    from lmjax.serve.generate import (
+        MAX_STOP_CHARS,
+        MAX_STOP_STRINGS,
+        MAX_TEMPERATURE,
+        MAX_TOP_K,
+        SEED_LIMIT,
+    )
+
+    opts = SamplingParams(max_new_tokens=3, temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K,
+                          seed=SEED_LIMIT - 1, stop=("z" * MAX_STOP_CHARS,) * MAX_STOP_STRINGS)
+    model, params = _model()
+    detok = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    out = generate(_decoder(model), params, [[1, 2, 3]], opts, detokenize=detok)[0]
+    assert len(out.tokens) == 3 and out.finish_reason == "length"
+
+
+def _first_stop(text, stops):
+    """The reference: check the text as it grows one character at a time; the first
+    length at which stop strings occur, the earliest of them."""
+    for n in range(1, len(text) + 1):
+        hits = [i for i in (text[:n].find(s) for s in stops if s) if i >= 0]
+        if hits:
+            return min(hits)
+    return None
+
+
+def _held(text, stops):
+    """The reference: the longest end of text that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, len(s))
+                if len(text) >= k and text.endswith(s[:k])), default=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text("abc", max_size=40), stops=st.lists(st.text("abc", max_size=6), max_size=4),
+       cuts=st.lists(st.integers(0, 40), max_size=8))
+def test_stop_checker_agrees_with_searching_the_whole_text(text, stops, cuts):
+    """Fed the text in arbitrary pieces (an automaton per stop string, reading each new
+    character once), the checker finds what searching the whole text each time finds."""
+    checker = StopChecker(stops)
+    for n in sorted(set(cuts)) + [len(text)]:
+        at = checker.find(text[:n])
+        if at is not None:
+            break
+        assert checker.held() == _held(text[:n], stops)
+    assert at == _first_stop(text, stops)
+
+
+def test_stop_checker_reads_each_new_character_once():
+    """The per-token cost stays flat as the text grows: 2,000 one-character steps read
+    2,000 characters, with the most and longest stop strings allowed."""
+    from lmjax.serve.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    reads = []
+
+    class Text(str):
+        def __getitem__(self, index):
+            if isinstance(index, int):
+                reads.append(index)
+            return str.__getitem__(self, index)
+
+    stops = [("ab" * MAX_STOP_CHARS)[:MAX_STOP_CHARS - 1] + "z"] * MAX_STOP_STRINGS
+    checker = StopChecker(stops)
+    text = "ab" * 1000
+    for n in range(1, len(text) + 1):
+        assert checker.find(Text(text[:n])) is None
+    assert sorted(reads) == list(range(len(text)))
+    assert checker.held() == MAX_STOP_CHARS - 2  # "abab...ab" could begin each stop string
+
+
+def test_stop_checker_rereads_a_rewritten_end():
+    """A tokenizer may rewrite the end of the text (U+FFFD becomes the character once its
+    last byte arrives); the checker reads the rewritten part again."""
+    checker = StopChecker(["\u00e9t\u00e9"])
+    assert checker.find("un \ufffd") is None
+    assert checker.find("un \u00e9t\u00e9") == 3

@@ -20,6 +20,8 @@ import pytest
 import uvicorn
 from conftest import REPO, run_cli, tiny_args
 from flax import linen as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmjax.data.tokenizers import CharTokenizer
 from lmjax.models import GPT, GPTConfig
@@ -228,11 +230,18 @@ def test_500_requests_at_concurrency_32(server):
     _check_load(server, requests=500, concurrency=32, max_tokens=40)
 
 
-def test_serve_command_answers_and_drains_on_sigterm(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir of the tiny config trained by the CLI (20 steps)."""
+    workdir = tmp_path_factory.mktemp("served") / "run"
+    result = run_cli(*tiny_args(workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir
+
+
+def test_serve_command_answers_and_drains_on_sigterm(trained, tmp_path):
     """Also: serving reads no corpus (the data folders are empty while it runs)."""
-    workdir = tmp_path / "run"
-    trained = run_cli(*tiny_args(workdir))
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    workdir = trained
     port = _free_port()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -281,3 +290,351 @@ def test_serve_defaults_bind_localhost():
 
     args = _parser().parse_args(["serve", "--workdir=x"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+
+
+def test_sample_command_out_of_range_option_is_one_line_error(trained):
+    """`lmjax sample --top_k=3000000000` overflowed the sampler's int32 with a traceback."""
+    result = run_cli("sample", f"--workdir={trained}", "--top_k=3000000000",
+                     "--max_new_tokens=4")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmjax: error: top_k=3000000000 is out of range"), result.stderr
+
+
+# -- hostile requests ---------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def _post(server, body, **kwargs) -> httpx.Response:
+    return httpx.post(server["url"] + "/v1/completions", json=body, headers=AUTH,
+                      timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def _assert_alive(server):
+    """The engine still answers: health is ok and a request completes."""
+    assert httpx.get(server["url"] + "/health", headers=AUTH).json()["status"] == "ok"
+    r = _post(server, {"prompt": "abc", "max_tokens": 3, "temperature": 0}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == _expected(server, "abc",
+                                                                                3, 0)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "ROMEO", "max_tokens": 4, "top_k": 2147483648}, "top_k"),  # killed the engine
+    ({"prompt": "a", "top_k": 10**30}, "top_k"),
+    ({"prompt": "a", "max_tokens": 10**12}, "max_tokens"),
+    ({"prompt": "a", "stop": list("abcdefghijklmnopq")}, "stop"),  # 17 strings
+    ({"prompt": "a", "stop": "x" * 257}, "stop"),
+    ({"prompt": "a", "stop": ["ok", "x" * 257]}, "stop"),
+    ({"prompt": "a" * 65_537, "truncate": True}, "prompt"),
+    ({"prompt": ["a" * 65_537]}, "prompt"),
+    ({"prompt": "a", "model": "m" * 257}, "model"),
+    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "seed": 2**32}, "seed"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+])
+def test_out_of_bounds_fields_are_422_naming_the_field(server, body, field):
+    r = _post(server, body, timeout=30)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert set(error) == ERROR_KEYS and error["param"] == field
+    assert error["message"].startswith(f"{field}: ")
+    assert server["engine"].alive
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"prompt": "a", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "a", "top_p": Infinity}', "top_p"),
+    (b'{"prompt": "a", "temperature": 1e400}', "temperature"),
+])
+def test_non_finite_numbers_are_422(server, raw, field):
+    r = httpx.post(server["url"] + "/v1/completions", content=raw,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == field, r.text
+
+
+def test_top_k_that_overflowed_int32_leaves_the_engine_serving(server):
+    """The reported crash: top_k 2**31 killed the engine thread; later requests hung."""
+    r = _post(server, {"prompt": "ROMEO", "max_tokens": 4, "top_k": 2147483648}, timeout=30)
+    assert r.status_code == 422
+    _assert_alive(server)
+
+
+def _raw_request(port: int, head: bytes, parts=(), timeout=20) -> tuple[int, dict]:
+    """Sends a request head and body parts over a socket; the status and JSON body of
+    the answer. Nothing beyond `parts` is ever sent, so a server that waits for the
+    whole body never answers (socket timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for part in parts:
+            sock.sendall(part)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_text, body = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"content-length: (\d+)", head_text, re.I).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+    return int(head_text.split()[1]), json.loads(body)
+
+
+def _head(port: int, *lines: str) -> bytes:
+    return "\r\n".join(["POST /v1/completions HTTP/1.1", f"Host: 127.0.0.1:{port}",
+                        f"Authorization: Bearer {KEY}", "Content-Type: application/json",
+                        *lines, "", ""]).encode()
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(server):
+    """A 20 MB prompt cost 240 MB before its 400. Now a Content-Length over the limit is
+    answered at once, with no byte of the body sent; a chunked body as soon as the
+    bytes received pass the limit (here 1 MiB + 64 KiB sent, the rest never)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    status, body = _raw_request(port, _head(port, "Content-Length: 20000000"))
+    assert status == 413 and set(body["error"]) == ERROR_KEYS
+    from lmjax.serve.server import MAX_BODY_BYTES
+
+    assert str(MAX_BODY_BYTES) in body["error"]["message"]
+    chunk = b"a" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (MAX_BODY_BYTES // len(chunk) + 1)
+    status, body = _raw_request(port, _head(port, "Transfer-Encoding: chunked"),
+                                [b'10\r\n{"prompt": "aaaa\r\n', *chunks])
+    assert status == 413 and set(body["error"]) == ERROR_KEYS
+    _assert_alive(server)
+
+
+def test_ten_thousand_stop_strings_are_refused(server):
+    """10,000 stop strings of 300 characters were accepted, and slowed every request
+    about 100x while they were checked, rebuilt at every token."""
+    r = _post(server, {"prompt": "a", "max_tokens": 4, "stop": ["x" * 300] * 10_000})
+    assert r.status_code == 413 and set(r.json()["error"]) == ERROR_KEYS
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/no/such/path"])
+def test_every_path_needs_the_key(server, path):
+    """README promises 401 on every endpoint; FastAPI's docs answered without the key."""
+    r = httpx.get(server["url"] + path)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server["url"] + path, headers={"Authorization": "Bearer no"}
+                     ).status_code == 401
+    if path != "/no/such/path":
+        assert httpx.get(server["url"] + path, headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_engine_fails_gets_500_and_others_go_on(server, monkeypatch, stream):
+    """Any exception while preparing a job fails that job alone (here injected into the
+    prefill of prompt "boom"); a request beside it completes, and later ones too."""
+    engine = server["engine"]
+    boom = TOKENIZER.encode("boom").tolist()
+    prefill = engine._prefill
+
+    def failing_prefill(job):
+        if job.prompt == boom:
+            raise RuntimeError("injected fault")
+        prefill(job)
+
+    monkeypatch.setattr(engine, "_prefill", failing_prefill)
+    results = []
+    with httpx.Client(headers=AUTH, timeout=60) as client:
+        beside = threading.Thread(target=lambda: results.append(client.post(
+            server["url"] + "/v1/completions",
+            json={"prompt": "abc", "max_tokens": 20, "temperature": 0})))
+        beside.start()
+        r = client.post(server["url"] + "/v1/completions",
+                        json={"prompt": "boom", "max_tokens": 5, "stream": stream})
+        beside.join(60)
+    if stream:
+        assert r.status_code == 200
+        event = json.loads(r.text.strip().splitlines()[-1][len("data: "):])
+    else:
+        assert r.status_code == 500
+        event = r.json()
+    assert set(event["error"]) == ERROR_KEYS and event["error"]["type"] == "server_error"
+    assert "injected fault" in event["error"]["message"]
+    assert results[0].json()["choices"][0]["text"] == _expected(server, "abc", 20, 0)
+    _assert_alive(server)
+
+
+def _spare_server(server, api_key=None):
+    """A second app over a new engine of the same model (no warmup: it compiles on use),
+    for tests that break its engine; and its uvicorn server, not started."""
+    engine = Engine(server["decoder"], server["params"], make_scheduler("fcfs"), slots=2,
+                    detokenize=lambda ids: TOKENIZER.decode(ids))
+    port = _free_port()
+    app = create_app(engine, TOKENIZER, model_name="spare", api_key=api_key)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    return engine, srv, f"http://127.0.0.1:{port}"
+
+
+def _break(engine):
+    def broken_pick(now, capacity):
+        raise RuntimeError("scheduler bug")
+
+    engine.scheduler.pick = broken_pick  # the loop dies at its next iteration with a job
+
+
+def test_a_stopped_engine_fails_its_requests_and_health_says_so(server):
+    """The engine thread died and /health still said ok while requests hung. Now the
+    request in flight gets a 500, /health 503, and new requests 503 at once."""
+    engine, srv, url = _spare_server(server)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        _break(engine)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 3},
+                       timeout=30)
+        assert r.status_code == 500 and "scheduler bug" in r.json()["error"]["message"]
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "scheduler bug" in health.json()["error"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "abc"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def test_serve_shuts_down_when_the_engine_stops(server):
+    """`lmjax serve` waited out its 60 s drain on a dead engine; now the server shuts down
+    and RunError (exit 1 from the CLI) names the failure."""
+    from lmjax.errors import RunError
+    from lmjax.serve.server import run_until_stopped
+
+    engine, srv, url = _spare_server(server)
+    raised = []
+
+    def run():
+        try:
+            run_until_stopped(srv, engine)
+        except RunError as err:
+            raised.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    _break(engine)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 3},
+                   timeout=30)
+    assert r.status_code == 500
+    thread.join(30)
+    assert not thread.is_alive(), "the server still runs over a stopped engine"
+    assert raised and "scheduler bug" in str(raised[0])
+
+
+# -- property-based: the request schema ----------------------------------------------------
+
+FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
+          "stream", "n", "truncate"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**80, 2**80) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                               max_size=4),
+    max_leaves=12)
+# Numbers where representations end: int32, uint32, int64 and float64 limits, and past them.
+EDGES = st.sampled_from([2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64, -(2**31) - 1,
+                         -1, 10**30, 10**400, 1e308, -0.0, 5e-324])
+JUNK = (JSON_VALUES | EDGES | st.integers(-2**300, 2**300)
+        | st.builds(lambda c, n: c * n, st.characters(), st.integers(0, 300_000)))
+PROMPTS = st.text(alphabet=sorted(set(TOKENIZER.decode(range(TOKENIZER.vocab_size)))),
+                  min_size=1, max_size=12)
+SMALL_VALID = st.fixed_dictionaries({"prompt": PROMPTS, "max_tokens": st.integers(1, 4)})
+# A small valid request with one field replaced: every other field passes, so the junk
+# one reaches the deepest check that it can.
+ONE_FIELD_WRONG = st.builds(lambda body, field, value: {**body, field: value}, SMALL_VALID,
+                            st.sampled_from(FIELDS), JUNK)
+
+
+def _check_answer(r: httpx.Response, stream: bool) -> None:
+    """Any answer: a 4xx in the error shape, or a complete completion; never a 5xx."""
+    assert r.status_code < 500, r.text[:300]
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == ERROR_KEYS
+    elif stream:
+        assert r.text.endswith("data: [DONE]\n\n"), r.text[-300:]
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.data_too_large])
+@given(body=ONE_FIELD_WRONG | JSON_VALUES
+       | st.dictionaries(st.sampled_from(FIELDS), JUNK, max_size=6))
+def test_random_bodies_get_4xx_never_500(server, body):
+    raw = json.dumps(body).encode()  # NaN and Infinity included, as Python's json writes
+    r = httpx.post(server["url"] + "/v1/completions", content=raw, timeout=120,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    _check_answer(r, isinstance(body, dict) and r.headers.get("content-type", "").startswith(
+        "text/event-stream"))
+    assert server["engine"].alive
+
+
+NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed", "n"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=SMALL_VALID, field=st.sampled_from(NUMERIC),
+       value=EDGES | st.integers(-2**70, 2**70) | st.floats())
+def test_numbers_of_any_size_get_422_or_complete(server, body, field, value):
+    """One number of a valid request anywhere from -2**70 to 10**400, NaN and infinities
+    included (top_k 2**31 killed the engine): a 422 naming it, or a completion."""
+    r = httpx.post(server["url"] + "/v1/completions", timeout=120,
+                   content=json.dumps({**body, field: value}).encode(),
+                   headers={**AUTH, "Content-Type": "application/json"})
+    _check_answer(r, stream=False)
+    assert r.status_code in (200, 422) and server["engine"].alive
+    if r.status_code == 422:
+        assert r.json()["error"]["param"] == field
+
+
+@settings(max_examples=30, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_random_bytes_get_4xx(server, raw):
+    r = httpx.post(server["url"] + "/v1/completions", content=raw,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500 and set(r.json()["error"]) == ERROR_KEYS
+
+
+def _valid_bodies():
+    from lmjax.serve.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K, SEED_LIMIT
+
+    stops = st.text(alphabet="abcdefghijklmnopqrstuvwxyz ", min_size=1, max_size=MAX_STOP_CHARS)
+    return st.fixed_dictionaries({"prompt": PROMPTS}, optional={
+        "max_tokens": st.integers(1, 16), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1, exclude_min=True), "top_k": st.integers(0, MAX_TOP_K),
+        "stop": stops | st.lists(stops, max_size=MAX_STOP_STRINGS),
+        "seed": st.integers(0, SEED_LIMIT - 1), "stream": st.booleans(),
+        "model": st.text(max_size=20), "truncate": st.booleans()})
+
+
+def _generated(server, body) -> str:
+    """What `generate` alone gives for a request (the engine's answer must equal it)."""
+    stop = body.get("stop", ())
+    opts = SamplingParams(max_new_tokens=body.get("max_tokens", 16),
+                          temperature=body.get("temperature", 1.0), top_k=body.get("top_k", 0),
+                          top_p=body.get("top_p", 1.0), seed=body["seed"],
+                          stop=(stop,) if isinstance(stop, str) else tuple(stop))
+    out = generate(server["decoder"], server["params"], [TOKENIZER.encode(body["prompt"])],
+                   opts, detokenize=TOKENIZER.decode)[0]
+    return out.text
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_valid_bodies_complete_as_generate_does(server, data):
+    body = data.draw(_valid_bodies())
+    body.setdefault("seed", 0)  # so that the answer can be compared with `generate`
+    r = _post(server, body)
+    _check_answer(r, body.get("stream", False))
+    assert r.status_code == 200
+    if body.get("stream"):
+        chunks = [json.loads(line[len("data: "):]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    else:
+        text = r.json()["choices"][0]["text"]
+    assert text == _generated(server, body)

@@ -13,12 +13,18 @@ batch: each row decodes only from its own cache entries and its own seed.
 Time is read from `clock`; with a `CostClock` it advances only by the modelled cost of
 each prefill, decode step and swap, so a run is deterministic (the benchmark's
 machine-independent view of scheduling).
+
+One job never stops the others: any exception while preparing, running or streaming a
+job fails that job alone (finish_reason "error", logged with its traceback). Only a
+failure outside every job stops the loop; then every waiting job fails, `alive` turns
+False and `submit` raises EngineStoppedError.
 """
 
 import collections
 import dataclasses
 import functools
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from lmjax.serve.generate import Decoder, SamplingParams, StopChecker, bucket
 from lmjax.serve.scheduler import Scheduler
 
 _GREEDY = SamplingParams(temperature=0.0)
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -40,6 +47,10 @@ class QueueFullError(RuntimeError):
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit the model's context window."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine's loop has stopped (a failure outside any one job); nothing runs."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,7 +68,12 @@ class Job:
     length: int = 0  # tokens in the cache
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    stops: StopChecker = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.stops = StopChecker(self.options.stop)  # once per job: it keeps its state
 
     @property
     def prefilled(self) -> bool:
@@ -131,6 +147,8 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
+        self.error: BaseException | None = None  # what stopped the loop, if anything did
+        self.stopped = threading.Event()  # set when the loop ends, for whatever reason
         # Measured by warmup() (a CostClock brings its own); prefill estimates come from here.
         self.costs = clock.costs if isinstance(clock, CostClock) else Costs()
         self._read_row = jax.jit(_read_row, static_argnums=2)
@@ -158,7 +176,8 @@ class Engine:
     # -- submitting -----------------------------------------------------------------
     def submit(self, prompt: list[int], options: SamplingParams, on_event=None,
                arrival: float | None = None) -> Job:
-        """Queues a job (thread-safe). Raises PromptTooLongError or QueueFullError.
+        """Queues a job (thread-safe). Raises PromptTooLongError, QueueFullError or
+        EngineStoppedError.
 
         `arrival` (default: now) is when the request arrived, for its TTFT and JCT."""
         if not prompt:
@@ -167,6 +186,9 @@ class Engine:
             raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the context window "
                                      f"is {self.block} tokens")
         with self._wake:
+            if self.error is not None:
+                raise EngineStoppedError(f"the engine stopped ({_describe(self.error)}); "
+                                         "restart the server")
             if self.pending() >= self.max_jobs:
                 raise QueueFullError(f"{self.max_jobs} jobs are queued or running; retry later")
             job = Job(list(prompt), options, on_event, next(self._ids),
@@ -206,19 +228,20 @@ class Engine:
         for job in picked:
             if not job.prefilled:
                 t = self.clock()
-                self._prefill(job)
+                self._prefill_guarded(job)
                 used[job] += self.clock() - t
+        decoding = [j for j in decoding if j.finish_reason is None]  # a prefill may fail them
         if decoding:
             t = self.clock()
-            self._decode(decoding)
+            self._decode_guarded(decoding)
             for job in decoding:
                 used[job] += self.clock() - t
         now = self.clock()
         self.stats.busy += now - start
         self.scheduler.account(used, now)
-        for job in picked:
-            if job.finish_reason is not None:
-                self._finish(job, now)
+        # Picked jobs end here; a failure may also end jobs that held rows but did not run.
+        for job in [j for j in self.jobs if j.finish_reason is not None]:
+            self._finish(job, now)
         return True
 
     def _admit(self) -> None:
@@ -276,6 +299,52 @@ class Engine:
         self.stats.swaps_out += 1
         return slot
 
+    # -- one job's failure stays its own ----------------------------------------------------
+    def _prefill_guarded(self, job: Job) -> None:
+        try:
+            self._prefill(job)
+        except Exception as err:
+            self._fail(job, err)
+            self._recover_cache()
+
+    def _decode_guarded(self, jobs: list[Job]) -> None:
+        """A decode step of `jobs`; if it raises, each job decodes alone (its tokens do not
+        depend on the batch), so only the job at fault fails."""
+        try:
+            self._decode(jobs)
+        except Exception as err:
+            if self._recover_cache():
+                return
+            if len(jobs) == 1:
+                self._fail(jobs[0], err)
+                return
+            for job in jobs:
+                if job.finish_reason is None:  # a lost cache may have failed it meanwhile
+                    self._decode_guarded([job])
+
+    def _fail(self, job: Job, err: BaseException) -> None:
+        log.error("request %d failed (%s); the other requests go on", job.id,
+                  _describe(err), exc_info=err)
+        job.finish_reason, job.error = "error", _describe(err)
+
+    def _recover_cache(self) -> bool:
+        """After a failed compiled call: whether it took the cache with it (a donated
+        argument is gone, or the result holds the error). Then a new cache replaces it and
+        every job holding a row fails: its keys and values are lost."""
+        try:
+            if not any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+                jax.block_until_ready(self.cache)
+                return False
+        except Exception:  # the cache holds the failed computation's error
+            pass
+        log.error("a failed step lost the KV cache; the jobs holding rows fail")
+        self.cache = self.decoder.new_cache(self.slots)
+        lost = RuntimeError("its cached keys and values were lost when a step failed")
+        for job in self.owner:
+            if job is not None and job.finish_reason is None:
+                self._fail(job, lost)
+        return True
+
     def _prefill(self, job: Job) -> None:
         width = bucket(len(job.prompt))
         tokens = np.zeros((1, width), np.int32)
@@ -332,43 +401,50 @@ class Engine:
     def _emit(self, jobs: list[Job], tokens: np.ndarray) -> None:
         now = self.clock()
         for job, token in zip(jobs, tokens, strict=True):
-            job.out.append(int(token))
-            self.stats.tokens_generated += 1
-            if job.first_token_time is None:
-                job.first_token_time = now
-            text, stopped = self._new_text(job)
-            if stopped:
-                job.finish_reason = "stop"
-            elif len(job.out) >= job.options.max_new_tokens or job.length >= self.block:
-                job.finish_reason = "length"
-            if job.finish_reason is None and text:
-                job.sent += text
-                if job.on_event is not None:
-                    job.on_event(job, text, False)
+            try:
+                self._emit_one(job, int(token), now)
+            except Exception as err:  # its text or its listener failed: it alone ends
+                self._fail(job, err)
+
+    def _emit_one(self, job: Job, token: int, now: float) -> None:
+        job.out.append(token)
+        self.stats.tokens_generated += 1
+        if job.first_token_time is None:
+            job.first_token_time = now
+        text, stopped = self._new_text(job)
+        if stopped:
+            job.finish_reason = "stop"
+        elif len(job.out) >= job.options.max_new_tokens or job.length >= self.block:
+            job.finish_reason = "length"
+        if job.finish_reason is None and text:
+            job.sent += text
+            if job.on_event is not None:
+                job.on_event(job, text, False)
 
     def _new_text(self, job: Job) -> tuple[str, bool]:
         """Text safe to stream: never part of a stop string (held back until resolved)."""
         if self.detokenize is None:
             return "", False
-        checker = StopChecker(job.options.stop, self.detokenize)
-        cut = checker.cut(job.out)
-        if cut is not None:
-            return cut[len(job.sent):], True
         text = self.detokenize(job.out)
-        hold = max((k for s in checker.stop for k in range(1, len(s))
-                    if text.endswith(s[:k])), default=0)
-        return text[len(job.sent): len(text) - hold], False
+        at = job.stops.find(text)
+        if at is not None:
+            return text[len(job.sent): at], True
+        return text[len(job.sent): len(text) - job.stops.held()], False
 
     def _final_text(self, job: Job) -> str:
         """The rest of the text: up to the stop string, all of it at the length limit."""
-        if self.detokenize is None or job.finish_reason == "cancelled":
+        if self.detokenize is None or job.finish_reason in ("cancelled", "error"):
             return ""
         if job.finish_reason == "stop":
             return self._new_text(job)[0]
         return self.detokenize(job.out)[len(job.sent):]
 
     def _finish(self, job: Job, now: float) -> None:
-        tail = self._final_text(job)
+        try:
+            tail = self._final_text(job)
+        except Exception as err:
+            self._fail(job, err)
+            tail = ""
         job.sent += tail
         job.finish_time = now
         if job.slot is not None:
@@ -377,13 +453,13 @@ class Engine:
         self.scheduler.remove(job)
         self.jobs.remove(job)
         self.stats.finished += 1
-        if job.first_token_time is not None and job.finish_reason != "cancelled":
+        if job.first_token_time is not None and job.finish_reason not in ("cancelled",
+                                                                           "error"):
             self.stats.ttft.append(job.first_token_time - job.arrival)
             if len(job.out) > 1:
                 self.stats.tpot.append((now - job.first_token_time) / (len(job.out) - 1))
         job.done.set()
-        if job.on_event is not None:
-            job.on_event(job, tail, True)
+        _notify_finished(job, tail)
 
     # -- warmup and the background loop -------------------------------------------------
     def warmup(self) -> None:
@@ -457,17 +533,43 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop started by `start()` is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _loop(self) -> None:
-        while self._running:
-            if not self.step():
-                with self._wake:
-                    if not self._inbox and not self._cancelled and self._running:
-                        self._wake.wait(timeout=0.5)
+        try:
+            while self._running:
+                if not self.step():
+                    with self._wake:
+                        if not self._inbox and not self._cancelled and self._running:
+                            self._wake.wait(timeout=0.5)
+        except BaseException as err:  # outside every job: nothing can run any more
+            self._stopped_by(err)
+        finally:
+            self.stopped.set()
+
+    def _stopped_by(self, err: BaseException) -> None:
+        """Records why the loop stopped and fails every job, so that none waits forever."""
+        log.critical("the engine stopped (%s); every queued and running request fails",
+                     _describe(err), exc_info=err)
+        with self._wake:
+            self.error, self._running = err, False
+            jobs, self.jobs = self.jobs + list(self._inbox), []
+            self._inbox.clear()
+        self.owner = [None] * self.slots
+        for job in jobs:
+            if not job.done.is_set():
+                job.finish_reason = "error"
+                job.error = f"the engine stopped ({_describe(err)})"
+                job.done.set()
+                _notify_finished(job, "")
 
     def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stops the loop; with drain, after every queued and running job has finished."""
         deadline = time.monotonic() + timeout
-        while drain and self.pending() and time.monotonic() < deadline:
+        while drain and self.pending() and self.alive and time.monotonic() < deadline:
             time.sleep(0.01)
         self._running = False
         with self._wake:
@@ -479,6 +581,20 @@ class Engine:
         """Steps in the calling thread until no job is left (tests, benchmarks)."""
         while self.step():
             pass
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _notify_finished(job: Job, tail: str) -> None:
+    """The job's last event; a listener that fails is logged, the job is over anyway."""
+    if job.on_event is None:
+        return
+    try:
+        job.on_event(job, tail, True)
+    except Exception:
+        log.exception("the listener of request %d failed on its last event", job.id)
 
 
 def _sampling_arrays(jobs: list[Job | None]) -> tuple[np.ndarray, ...]:

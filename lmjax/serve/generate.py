@@ -17,10 +17,22 @@ import numpy as np
 from lmjax.models import GPT
 from lmjax.models.transformer import init_cache
 
+# Bounds on what one request may ask for: what the compiled sampler can represent (int32
+# top_k, uint32 seeds, finite floats) and what a shared server can afford per token.
+MAX_NEW_TOKENS = 65_536  # far past any context window served here; the engine stops there
+MAX_TEMPERATURE = 2.0  # OpenAI's range; beyond it a trained model's samples are noise
+MAX_TOP_K = 1_000_000  # above any vocabulary; a top_k at or above the vocabulary keeps all
+SEED_LIMIT = 2**32  # seeds are uint32
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # each stop string's length in characters
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """How one request samples. temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    Every field is checked against the bounds above (ValueError naming the field), so a
+    request that passes never fails in the compiled sampler."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -30,17 +42,29 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
-        checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0,
-            "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
+        # Comparisons reject NaN too: every one of them is False for NaN.
+        ranges = {
+            "max_new_tokens": (1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+                               f"1 to {MAX_NEW_TOKENS}"),
+            "temperature": (0 <= self.temperature <= MAX_TEMPERATURE,
+                            f"0 (greedy) to {MAX_TEMPERATURE}"),
+            "top_k": (0 <= self.top_k <= MAX_TOP_K, f"0 (off) to {MAX_TOP_K}"),
+            "top_p": (0 < self.top_p <= 1, "above 0, at most 1 (off)"),
+            "seed": (0 <= self.seed < SEED_LIMIT, f"0 to {SEED_LIMIT - 1}"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in ranges.items():
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)} is out of range "
-                                 "(max_new_tokens >= 1, temperature >= 0, top_k >= 0, "
-                                 "0 < top_p <= 1)")
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: give {allowed}")
+        _check_stop(self.stop)
+
+
+def _check_stop(stop) -> None:
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop={stop!r}: give a tuple of strings")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ValueError(f"stop: give at most {MAX_STOP_STRINGS} stop strings of at most "
+                         f"{MAX_STOP_CHARS} characters each (got {len(stop)}, the longest "
+                         f"{max(map(len, stop), default=0)} characters)")
 
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -140,21 +164,78 @@ def bucket(length: int, smallest: int = 16) -> int:
 
 
 class StopChecker:
-    """Finds the first stop string in the generated text; the text before it is returned."""
+    """Finds the first stop string in a text that grows token by token; built once per
+    request. Each stop string has a KMP automaton that every new character advances, so a
+    token costs (stop strings) x (its characters), however long the text already is; the
+    automata's states also say how much of the text's end could begin a stop string."""
 
-    def __init__(self, stop: Sequence[str], detokenize: Callable[[list[int]], str] | None):
+    def __init__(self, stop: Sequence[str]):
         self.stop = tuple(s for s in stop if s)
-        self.detokenize = detokenize
-        if self.stop and detokenize is None:
-            raise ValueError("stop strings need a tokenizer to compare text")
+        self.longest = max(map(len, self.stop), default=0)
+        self._fallback = [_prefix_function(s) for s in self.stop]
+        self._states = [0] * len(self.stop)  # characters of each stop string matched
+        self._text = ""  # the text the states have read
+        self.at: int | None = None  # where the first stop string starts, once found
 
-    def cut(self, tokens: list[int]) -> str | None:
-        """The text before the first stop string, or None if none occurred."""
-        if not self.stop:
-            return None
-        text = self.detokenize(tokens)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return text[: min(hits)] if hits else None
+    def find(self, text: str) -> int | None:
+        """Where the first stop string starts in `text` (all the text so far), or None."""
+        if self.at is not None or not self.stop:
+            return self.at
+        start = len(self._text)
+        if not text.startswith(self._text):
+            # A tokenizer may rewrite the text's end as tokens arrive (an incomplete UTF-8
+            # sequence decodes to U+FFFD until its last byte): read again from where a
+            # stop string could begin in the rewritten part.
+            start = max(_shared_prefix(self._text, text) - self.longest + 1, 0)
+            self._states = [0] * len(self.stop)
+        self._text = text
+        for end in range(start, len(text)):
+            self.at = self._advance(text[end], end)
+            if self.at is not None:
+                break
+        return self.at
+
+    def _advance(self, char: str, end: int) -> int | None:
+        found = None
+        for i, (stop, fallback) in enumerate(zip(self.stop, self._fallback, strict=True)):
+            state = self._states[i]
+            while state and stop[state] != char:
+                state = fallback[state - 1]
+            state = self._states[i] = state + (stop[state] == char)
+            if state == len(stop):
+                start = end - len(stop) + 1  # the longest match ending here starts first
+                found = start if found is None else min(found, start)
+                self._states[i] = fallback[state - 1]
+        return found
+
+    def held(self) -> int:
+        """Characters at the end of the text read that could begin a stop string: not
+        safe to stream until the next tokens resolve them."""
+        return max(self._states, default=0) if self.at is None else 0
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's table: [i] is the length of the longest proper prefix of s[:i + 1] that is
+    also its suffix (where a match continues after a mismatch)."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of a and b (bisection on startswith)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if b.startswith(a[:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclasses.dataclass
@@ -215,7 +296,9 @@ class _RowState:
     def __init__(self, opts: list[SamplingParams], detokenize):
         self.opts = opts
         self.detokenize = detokenize
-        self.stops = [StopChecker(o.stop, detokenize) for o in opts]
+        if detokenize is None and any(o.stop for o in opts):
+            raise ValueError("stop strings need a tokenizer to compare text: pass detokenize")
+        self.stops = [StopChecker(o.stop) for o in opts]
         self.out: list[list[int]] = [[] for _ in opts]
         self.text: list[str | None] = [None] * len(opts)
         self.reason = ["length"] * len(opts)
@@ -234,11 +317,19 @@ class _RowState:
             if self.done[b]:
                 continue
             self.out[b].append(int(token))
-            cut = self.stops[b].cut(self.out[b])
+            cut = self._cut(b)
             if cut is not None:
                 self.text[b], self.reason[b], self.done[b] = cut, "stop", True
             elif len(self.out[b]) >= self.opts[b].max_new_tokens:
                 self.done[b] = True
+
+    def _cut(self, b: int) -> str | None:
+        """Row b's text before its first stop string, or None if none occurred yet."""
+        if not self.stops[b].stop:
+            return None
+        text = self.detokenize(self.out[b])
+        at = self.stops[b].find(text)
+        return None if at is None else text[:at]
 
     def all_done(self) -> bool:
         return bool(self.done.all())

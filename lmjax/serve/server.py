@@ -2,28 +2,55 @@
 
 POST /v1/completions (prompt, max_tokens, temperature, top_p, top_k, stop, seed, stream
 with server-sent events), GET /v1/models, GET /health and GET /metrics (Prometheus
-text). With an API key, every request needs `Authorization: Bearer KEY`.
+text). With an API key, every request needs `Authorization: Bearer KEY` (the docs at
+/docs, /redoc and /openapi.json too).
+
+Every field is bounded (the constants below and generate.py's), and so is the body
+(413 before it is read whole); a request the engine fails gets a 500, and the others go
+on. If the engine's loop itself stops, /health answers 503 and `serve` shuts down.
 """
 
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
+import threading
 import time
 import uuid
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmjax.data.tokenizers import Tokenizer
-from lmjax.serve.engine import Engine, Job, PromptTooLongError, QueueFullError
-from lmjax.serve.generate import SamplingParams
+from lmjax.errors import RunError
+from lmjax.serve.engine import (
+    Engine,
+    EngineStoppedError,
+    Job,
+    PromptTooLongError,
+    QueueFullError,
+)
+from lmjax.serve.generate import (
+    MAX_NEW_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    SEED_LIMIT,
+    SamplingParams,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Request limits of a shared server (the sampling ones are in generate.py).
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt at its limit, escaped, fits several times over
+MAX_PROMPT_CHARS = 65_536  # beyond any context window served here (truncate keeps the end)
+MAX_MODEL_CHARS = 256
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -34,22 +61,43 @@ class ApiError(Exception):
 
 
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completions API that lmjax honours; others are ignored."""
+    """The fields of OpenAI's completions API that lmjax honours; others are ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Every field is bounded: a request that validates can be sampled and afforded."""
 
-    model: str | None = None
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**32)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     # lmjax's extension: keep the prompt's last tokens instead of rejecting a long one.
     truncate: bool = False
+
+    # Validators rather than constrained types: a union of constrained types reports the
+    # first member's error ("should be a valid string") for a list that is too long.
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_length(cls, prompt):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise ValueError(f"at most {MAX_PROMPT_CHARS} characters; shorten the prompt")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sizes(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"give at most {MAX_STOP_STRINGS} stop strings of at most "
+                             f"{MAX_STOP_CHARS} characters each")
+        return stop
 
 
 class Metrics:
@@ -97,33 +145,29 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "lmjax
 
     app = FastAPI(title="lmjax", lifespan=lifespan)
     _add_error_handlers(app)
+    app.add_middleware(LimitBody)
+    if api_key is not None:  # added last: runs first, before any body is read
+        app.add_middleware(RequireKey, api_key=api_key)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                           kind="authentication_error")
-
-    auth = [Depends(authorize)]
-
-    @app.get("/health", dependencies=auth)
+    @app.get("/health")
     async def health():
+        if not engine.alive and not state["draining"]:
+            return JSONResponse(status_code=503, content={
+                "status": "engine stopped", "error": _engine_error(engine)})
         return {"status": "draining" if state["draining"] else "ok",
                 "slots": engine.slots, "slots_in_use": engine.slots_in_use()}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "lmjax"}]}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         if state["draining"]:
             raise ApiError(503, "the server is shutting down", kind="server_error")
@@ -138,33 +182,103 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str = "lmjax
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    def error(status, message, param=None, kind="invalid_request_error"):
-        return JSONResponse(status_code=status, content={
-            "error": {"message": message, "type": kind, "param": param, "code": None}})
+class RequireKey:
+    """ASGI middleware: every HTTP request needs the key, the docs FastAPI adds (/docs,
+    /redoc, /openapi.json) and unknown paths included, which route dependencies miss.
+    It answers before the body is read."""
 
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "missing or wrong API key: send 'Authorization: "
+                                  "Bearer KEY'", kind="authentication_error")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class LimitBody:
+    """ASGI middleware: a body over MAX_BODY_BYTES gets 413 before it is read whole, at
+    once when Content-Length says so, else when the bytes received pass the limit.
+    (FastAPI's own max_body_size answers plain text, not OpenAI's error shape.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await _too_large()(scope, receive, send)
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:  # FastAPI passes an HTTPException on: http_error
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, receive_counted, send)
+
+
+def _too_large() -> JSONResponse:
+    return _error(413, f"request body: larger than {MAX_BODY_BYTES} bytes; send a shorter "
+                  f"prompt (at most {MAX_PROMPT_CHARS} characters) or fewer stop strings")
+
+
+def _engine_error(engine: Engine) -> str:
+    err = engine.error
+    what = f"{type(err).__name__}: {err}" if err is not None else "its loop is not running"
+    return f"the engine stopped ({what}); restart the server"
+
+
+def _error_content(message, param=None, kind="invalid_request_error") -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _error(status, message, param=None, kind="invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_content(message, param, kind))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return error(exc.status, exc.message, exc.param, exc.kind)
+        return _error(exc.status, exc.message, exc.param, exc.kind)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return error(400, f"malformed JSON body: {first.get('msg')}")
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(422, f"{field}: {first.get('msg')}", field or None)
+            return _error(400, f"malformed JSON body: {first.get('msg')}")
+        # The top-level field: deeper parts of `loc` name union members ("str",
+        # "list[str]") and list positions, which say less than the message does.
+        loc = [p for p in first.get("loc", ()) if p != "body"]
+        field = str(loc[0]) if loc else None
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return _error(422, f"{field or 'body'}: {message}", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail))
+        if exc.status_code == 413:  # LimitBody counted past the limit
+            return _too_large()
+        return _error(exc.status_code, str(exc.detail))
 
 
 def _options(body: CompletionRequest) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     seed = body.seed if body.seed is not None else secrets.randbits(32)
-    return SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
-                          top_k=body.top_k, top_p=body.top_p, seed=seed, stop=stop)
+    try:
+        return SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
+                              top_k=body.top_k, top_p=body.top_p, seed=seed, stop=stop)
+    except ValueError as err:  # the schema's bounds are within these; kept as a backstop
+        raise ApiError(422, str(err)) from err
 
 
 def _prompt_ids(tokenizer: Tokenizer, body: CompletionRequest, block: int) -> list[int]:
@@ -203,7 +317,14 @@ def _submit(engine: Engine, tokenizer: Tokenizer, body: CompletionRequest, metri
         raise ApiError(429, str(err), kind="rate_limit_error") from err
     except PromptTooLongError as err:
         raise ApiError(400, f"prompt: {err}", "prompt") from err
+    except EngineStoppedError as err:
+        raise ApiError(503, str(err), kind="server_error") from err
     return job, events
+
+
+def _job_failed(job: Job) -> ApiError:
+    return ApiError(500, f"generation failed ({job.error}); the server's log has the "
+                    "traceback", kind="server_error")
 
 
 def _choice(text: str, reason: str | None) -> dict:
@@ -229,6 +350,8 @@ async def _complete(engine: Engine, job: Job, events: asyncio.Queue, meta: dict,
     finally:
         if not finished:
             engine.cancel(job)
+    if job.finish_reason == "error":
+        raise _job_failed(job)
     return {**meta, "object": "text_completion", "choices": [_choice(job.sent,
                                                                        job.finish_reason)],
             "usage": _usage(job)}
@@ -240,6 +363,10 @@ async def _stream(engine: Engine, job: Job, events: asyncio.Queue, meta: dict):
     try:
         while not finished:
             text, finished = await events.get()
+            if finished and job.finish_reason == "error":  # after a 200: an error event
+                error = _job_failed(job)
+                yield f"data: {json.dumps(_error_content(error.message, kind=error.kind))}\n\n"
+                return
             reason = job.finish_reason if finished else None
             if text or finished:
                 chunk = {**meta, "object": "text_completion", "choices": [_choice(text, reason)]}
@@ -279,10 +406,31 @@ def serve(loaded, *, name: str, host: str, port: int, api_key: str | None, slots
     """Serves a loaded model (lmjax.serve.sample.load_best) over HTTP until interrupted."""
     import uvicorn
 
+    # Failed requests and a stopped engine are logged with their tracebacks on stderr.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     engine = build_engine(loaded, slots=slots, scheduler=scheduler, max_jobs=max_jobs,
                           quantize=quantize, max_batch=max_batch)
     app = create_app(engine, loaded.tokenizer, model_name=name, api_key=api_key)
     print(f"serving {name} (step {loaded.step}, {scheduler}, {slots} slots, {quantize}) on "
           f"http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=60)
+    run_until_stopped(uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)), engine)
+
+
+def run_until_stopped(server, engine: Engine) -> None:
+    """Runs the uvicorn server until a signal stops it, or until the engine's loop stops:
+    then the server shuts down and RunError says why (`lmjax serve` exits 1), rather
+    than a live HTTP server whose requests can never be answered."""
+
+    def watch():
+        engine.stopped.wait()
+        if engine.error is not None:
+            log.critical("shutting the server down: %s", _engine_error(engine))
+            server.should_exit = True
+
+    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    server.run()
+    if engine.error is not None:
+        raise RunError(f"the server shut down because {_engine_error(engine)} (the "
+                       "traceback is logged above)")
