@@ -191,11 +191,14 @@ class SentencePieceTokenizer(Tokenizer):
         else:
             with open(model, "rb") as f:  # FileNotFoundError names the path
                 proto = f.read()
-        self._proto = proto
+        self.model_proto = proto  # the serialised model, as saved
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:
             raise ValueError(f"not a valid SentencePiece model: {e}") from e
+        sp = self._sp  # the special pieces' ids; -1 where the model has none
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
 
     @classmethod
     def train(
@@ -297,22 +300,6 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
     def piece_to_id(self, piece: str) -> int:
         """Id of `piece`; unknown pieces map to unk_id, as in SentencePiece."""
         return self._sp.piece_to_id(piece)
@@ -332,7 +319,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, SPM_MODEL_FILE), "wb") as f:
-            f.write(self._proto)
+            f.write(self.model_proto)
         _write_config(directory, {"type": self.name, "model_file": SPM_MODEL_FILE})
 
     @classmethod

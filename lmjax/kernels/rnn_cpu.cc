@@ -663,72 +663,47 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> acts,
   return ffi::Error::Success();
 }
 
+// The handlers' signatures: N float32 operands or results added to a binding. (A binding
+// moves only through prvalues: its constructors are private, so each step returns the next.)
+enum class Buffers { kOperands, kResults };
+
+template <Buffers kind, int N, typename B>
+auto F32(B&& binding) {
+  auto next = [&] {
+    if constexpr (kind == Buffers::kResults) {
+      return std::move(binding).template Ret<ffi::Buffer<ffi::F32>>();
+    } else {
+      return std::move(binding).template Arg<ffi::Buffer<ffi::F32>>();
+    }
+  };
+  if constexpr (N == 1) {
+    return next();
+  } else {
+    return F32<kind, N - 1>(next());
+  }
+}
+
+template <int N, typename B>
+auto Operands(B&& binding) {
+  return F32<Buffers::kOperands, N>(std::forward<B>(binding));
+}
+
+template <int N, typename B>
+auto Results(B&& binding) {
+  return F32<Buffers::kResults, N>(std::forward<B>(binding));
+}
+
+auto Pool() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, LstmForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<bool>("save")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              Results<7>(Operands<7>(Pool()).Attr<bool>("reverse").Attr<bool>("save")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, LstmBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              Results<3>(Operands<9>(Pool()).Attr<bool>("reverse")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GruForward, GruForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Attr<bool>("save")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              Results<4>(Operands<6>(Pool()).Attr<bool>("reverse").Attr<bool>("save")));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GruBackward, GruBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("reverse")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              Results<3>(Operands<7>(Pool()).Attr<bool>("reverse")));
