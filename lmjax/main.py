@@ -88,9 +88,9 @@ def main() -> None:
     except (ValueError, KeyError, OSError, RunError) as err:
         print(f"lmjax: error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        # Not sys.exit: after a failed checkpoint save, orbax's signalling threads wait for
-        # ever and would hold the interpreter's shutdown; everything was written already.
-        os._exit(1)
+        if getattr(err, "exit_at_once", False):
+            os._exit(1)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

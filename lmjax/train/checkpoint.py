@@ -32,6 +32,12 @@ class CheckpointError(RunError):
     """A checkpoint could not be written, or none in the workdir can be read."""
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written; orbax's signalling threads then wait for ever."""
+
+    exit_at_once = True
+
+
 def _cause(err: BaseException) -> str:
     """The first line of an error, which names the file for I/O errors."""
     text = str(err).strip().splitlines()
@@ -90,7 +96,7 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
                               force=True)
         except Exception as err:  # noqa: BLE001  (orbax raises what the file system raised)
-            raise CheckpointError(f"saving a checkpoint in {self.directory} failed at step "
+            raise SaveError(f"saving a checkpoint in {self.directory} failed at step "
                                   f"{step} or before: {_cause(err)}") from err
 
     def read_meta(self, step: int) -> dict:
@@ -197,8 +203,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
-                                  f"{_cause(err)}") from err
+            raise SaveError(f"saving a checkpoint in {self.directory} failed: "
+                            f"{_cause(err)}") from err
 
     def restore_latest(self, abstract_state, data_iter=None):
         """(state, meta, step) of the newest checkpoint that reads back whole, or None
