@@ -9,6 +9,7 @@ references, and GPUs would otherwise use TF32 (on the CPU this changes nothing).
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
@@ -43,6 +44,48 @@ def offline_data(tmp_path_factory) -> str:
 
     builders.prepare("tiny_shakespeare")
     return os.environ["LMJAX_DATA_DIR"]
+
+
+def listening() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening on this machine; the address in hex,
+    as /proc/net/tcp and tcp6 write it (each 32-bit word little-endian)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.split(":")
+            if state == "0A":  # LISTEN
+                found.add((address, int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or ::ffff:127.x.y.z, in /proc/net's hex."""
+    if len(address) == 8:
+        return address.endswith("7F")
+    mapped = address.startswith("0000000000000000FFFF0000") and address.endswith("7F")
+    return mapped or address == "00000000000000000000000001000000"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_only():
+    """Nothing the suite starts listens beyond 127.0.0.1: a thread reads /proc/net every
+    0.1 s during the session (sockets listening before it began are not the suite's)."""
+    if not Path("/proc/net/tcp").exists():
+        yield
+        return
+    before, strays, stop = listening(), set(), threading.Event()
+
+    def watch():
+        while not stop.wait(0.1):
+            strays.update(s for s in listening() - before if not is_loopback(s[0]))
+
+    thread = threading.Thread(target=watch, name="loopback-watch", daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+    assert not strays, f"sockets listened beyond loopback (address hex, port): {sorted(strays)}"
 
 
 def run_cli(*args: str, devices: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
