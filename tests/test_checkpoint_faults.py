@@ -134,3 +134,18 @@ def test_a_failed_save_stops_the_run_with_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("lmjax: error: saving a checkpoint in") and str(checkpoints) in last
     assert "Operation not permitted" in last and "done:" not in result.stdout
+
+
+def test_a_read_only_workdir_is_one_line_naming_it(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if not _immutable(workdir):
+        pytest.skip("chattr +i is not permitted here, so no folder can refuse root's writes")
+    try:
+        result = run_cli(*tiny_args(workdir))
+    finally:
+        subprocess.run(["chattr", "-i", str(workdir)], check=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("lmjax: error: ") and str(workdir) in lines[-1]
+    assert "Traceback" not in result.stderr
