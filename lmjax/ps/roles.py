@@ -205,8 +205,8 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
             shard.push(push)
     seconds = time.time() - start
     final = {"gradients": core.clock, "idle_fraction": idle / max(seconds, 1e-9),
-             "seconds": seconds, "pushed_bytes": core.pushed_bytes,
-             "pulled_bytes": core.pulled_bytes}
+             "seconds": seconds, "throttled": core.throttled,
+             "pushed_bytes": core.pushed_bytes, "pulled_bytes": core.pulled_bytes}
     client.key_value_set(f"ps/final/worker{index}", json.dumps(final), allow_overwrite=True)
 
 
