@@ -1,5 +1,5 @@
 """Parameter-server hardening: authenticated key-value traffic, dead workers' inbox slots,
-bounded pushes per parameter version.
+bounded pushes per parameter version, faults at the named update.
 
 Most checks drive the roles' functions on an in-memory stand-in of the coordination
 service's key-value store (FakeKV); the end-to-end ones run real processes.
@@ -8,6 +8,8 @@ service's key-value store (FakeKV); the end-to-end ones run real processes.
 import collections
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from lmjax.ps.kv import (
     ShardPublisher,
     SignedStore,
     dead_key,
+    fault_key,
     key,
 )
 from lmjax.ps.policies import Push, make_policy
@@ -192,3 +195,38 @@ def test_the_bound_must_allow_the_pushes_between_two_pulls():
     with pytest.raises(ValueError, match="max_pushes_per_version=2 is below the 3 pushes"):
         check(PSConfig(model=MICRO, policy="async", n_fetch=3, max_pushes_per_version=2))
 
+
+# 4. A fault fires at the update it names.
+
+def test_a_shard_stops_at_the_update_a_fault_names():
+    kv = FakeKV()
+    store = SignedStore(kv, SECRET)
+    config = PSConfig(policy="async", num_workers=2, num_updates=100, faults=("worker1@40",),
+                      checkpoint_every=1000)
+    core = ServerCore(0, {"w": np.zeros(4, np.float32)}, config, make_policy(config))
+    worker = ShardClient(store, PLAN, 0)
+    for clock in range(70):  # a backlog longer than the named update
+        worker.push(ones_push(0, clock))
+    publisher = ShardPublisher(store, PLAN, 0)
+    state = {"floor": 1, "start": 0.0, "faults": roles._faults_of(config, 0)}
+    roles._apply_backlog(core, publisher.read(1), publisher, None, None, state)
+    assert core.version == 40
+    store.set(fault_key(0, "done"), "1")  # the supervisor, had it been there
+    roles._stop_at_faults(store, state["faults"], core.version)
+    assert store.try_get(fault_key(0, "reached")) == b"40"
+    roles._apply_backlog(core, publisher.read(publisher.cursor), publisher, None, None, state)
+    assert core.version == 70
+
+
+def test_supervisor_kills_at_the_reported_update(tmp_path):
+    sup = supervisor(tmp_path, policy="async", faults=("worker1@40",))
+    store = SignedStore(FakeKV(), SECRET)
+    sup.procs[3] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launch._inject_faults(sup, store)
+    assert sup.procs[3].poll() is None  # not before the shard reports the update
+    store.set(fault_key(0, "reached"), "40")
+    launch._inject_faults(sup, store)
+    assert sup.procs[3].returncode == -9
+    assert sup.events[0] == "killed worker1 at update 40"
+    assert store.try_get(fault_key(0, "done")) == b"1"
+    assert json.loads(store.try_get(dead_key(1)))["incarnation"] == 0

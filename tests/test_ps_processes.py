@@ -375,3 +375,40 @@ def test_forged_gradient_from_a_stranger_is_refused(tmp_path):
     assert re.search(r"refused the value of ps/s0/(inbox|claim)/\d+", log), log[-2000:]
     assert json.loads(Path(tmp_path, "summary.json").read_text())["refused"] >= 3
 
+
+def pushes_per_version(train) -> int:
+    """The most applied gradients computed from one version (async: one per update)."""
+    from collections import Counter
+
+    return max(Counter(r["step"] - 1 - r["updates_behind"] for r in train).values())
+
+
+@pytest.mark.slow
+def test_server_fault_fires_at_the_named_update(tmp_path):
+    """server0 is killed at update 40 exactly; while it restarts, workers push at most
+    ps.max_pushes_per_version gradients from the last version instead of hundreds."""
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=100", "ps.faults=['server0@40']",
+                 "ps.max_restarts=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ps: killed server0 at update 40\n" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 101))
+    assert pushes_per_version(train) <= 4 * 2  # the default bound, 2 workers
+    assert sum(r["throttled"] for r in records(tmp_path, "worker")) > 0
+    assert not leftover_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_worker_fault_fires_at_the_named_update(tmp_path):
+    """worker1 is killed at update 20 exactly; the survivor goes on, never more than
+    ps.max_pushes_per_version gradients from one version, and no update waits for the
+    dead worker (a slot it claimed but never wrote is skipped at once)."""
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=100", "ps.faults=['worker1@20']")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ps: killed worker1 at update 20\n" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 101))
+    assert pushes_per_version(train) <= 4 * 2
+    gaps = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False)]
+    assert max(gaps) < 3.0, max(gaps)  # a slot waited out would take 5 s
+    assert not leftover_processes(tmp_path)

@@ -320,3 +320,8 @@ def dead_key(worker: int) -> str:
     """The supervisor's notice that a worker died: {"incarnation", "restarting"}."""
     return f"ps/dead/worker{worker}"
 
+
+def fault_key(index: int, what: str) -> str:
+    """`ps.faults[index]`: "reached" (set by the server at the named update), "done" (set
+    by the supervisor once it killed the role)."""
+    return f"ps/fault/{index}/{what}"

@@ -31,6 +31,7 @@ from lmjax.ps.kv import (
     SECRET_FILE,
     SignedStore,
     dead_key,
+    fault_key,
     parse_status,
     read_secret,
     write_secret,
@@ -83,7 +84,7 @@ class Supervisor:
         self.restarts = {pid: 0 for pid in range(1, spec.num_processes)}
         self.finished: set[int] = set()
         self.dead: set[int] = set()  # workers the run goes on without
-        self.faults = [parse_fault(f, self.config) for f in self.config.faults]
+        self.faults = {i: parse_fault(f, self.config) for i, f in enumerate(self.config.faults)}
         self.logs = os.path.join(spec.workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.events: list[str] = []
@@ -215,15 +216,23 @@ def _watch(sup: Supervisor, store: SignedStore) -> None:
 
 
 def _inject_faults(sup: Supervisor, store: SignedStore) -> None:
-    if not sup.faults:
-        return
-    version = _version(store)
-    for fault in [f for f in sup.faults if f[2] <= version]:
-        kind, index, _ = fault
-        pid = index + 1 if kind == "server" else index + 1 + sup.config.num_servers
-        sup.procs[pid].send_signal(signal.SIGKILL)
-        sup.events.append(f"killed {kind}{index} at update {version}")
-        sup.faults.remove(fault)
+    """Kills the role a fault names once its shard reports the named update; the shard
+    waits there until `done`, after the death has been handled (and reported)."""
+    for index, (kind, role_index, _) in list(sup.faults.items()):
+        reached = store.try_get(fault_key(index, "reached"))
+        if reached is None:
+            continue
+        pid = role_index + 1 if kind == "server" else role_index + 1 + sup.config.num_servers
+        proc = sup.procs[pid]
+        del sup.faults[index]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            sup.events.append(f"killed {kind}{role_index} at update {int(reached)}")
+            _handle_death(sup, pid, proc.returncode, store)
+        else:
+            sup.events.append(f"{kind}{role_index} was not running at update {int(reached)}")
+        store.set(fault_key(index, "done"), "1")
 
 
 def _handle_death(sup: Supervisor, pid: int, code: int, store: SignedStore) -> None:

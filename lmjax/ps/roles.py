@@ -16,13 +16,14 @@ from lmjax.data.config import LMDataConfig
 from lmjax.data.pipelines import load_lm_data
 from lmjax.models import MODELS
 from lmjax.ps import sharding
-from lmjax.ps.config import PSConfig
+from lmjax.ps.config import PSConfig, parse_fault
 from lmjax.ps.kv import (
     ShardClient,
     ShardPublisher,
     SignedStore,
     dead_key,
     encode_arrays,
+    fault_key,
 )
 from lmjax.ps.policies import make_policy
 from lmjax.ps.server import ServerCheckpoints, ServerCore
@@ -31,6 +32,7 @@ from lmjax.registry import Registry
 from lmjax.train.metrics import MetricWriter
 
 HOLE_SECONDS = 5.0  # a claimed slot no one reported dead, left empty this long, is skipped
+FAULT_WAIT_SECONDS = 60  # a shard at a fault's update waits this long for the supervisor
 LIVENESS_SECONDS = 1.0
 MAX_BACKLOG = 64  # gradients applied between two publications at most
 
@@ -116,7 +118,8 @@ def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int =
     start = float(store.wait("ps/start", 600_000))
     publisher.publish(core.status(), core.params_numpy())
     store.set(f"ps/ready/server{shard}", "1")
-    state = {"floor": meta["floor"], "hole": None, "live": 0.0, "start": start}
+    state = {"floor": meta["floor"], "hole": None, "live": 0.0, "start": start,
+             "faults": _faults_of(config, shard)}
     while not core.status().done:
         push = publisher.read(publisher.cursor)
         if push is None:
@@ -125,6 +128,7 @@ def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int =
         state["hole"] = None
         applied = _apply_backlog(core, push, publisher, checkpoints, writer, state)
         publisher.publish(core.status(), core.params_numpy() if applied else None)
+        _stop_at_faults(store, state["faults"], core.version)
     store.set(f"ps/final/server{shard}", json.dumps({"refused": len(store.refused)}))
     checkpoints.close()
     if writer:
@@ -133,8 +137,8 @@ def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int =
 
 def _apply_backlog(core: ServerCore, push, publisher, checkpoints, writer, state) -> bool:
     """Applies the gradients waiting in the inbox, at most MAX_BACKLOG, so the caller
-    publishes once per batch (one parameter upload). Returns whether any update was
-    applied."""
+    publishes once per batch (one parameter upload); stops at an update a fault names.
+    Returns whether any update was applied."""
     applied = False
     for _ in range(MAX_BACKLOG):
         publisher.cursor = push.slot + 1
@@ -144,7 +148,7 @@ def _apply_backlog(core: ServerCore, push, publisher, checkpoints, writer, state
             writer.write(record)
         if records and (core.version % core.config.checkpoint_every == 0 or core.status().done):
             _checkpoint(core, checkpoints, publisher, state)
-        if core.status().done:
+        if core.status().done or any(at <= core.version for at in state["faults"]):
             break
         push = publisher.try_read(publisher.cursor)
         if push is None:
@@ -160,6 +164,31 @@ def _checkpoint(core: ServerCore, checkpoints, publisher, state: dict) -> None:
                             "cursor": publisher.cursor, "floor": floor, "pending": pending})
     publisher.forget(range(state["floor"], floor))
     state["floor"] = floor
+
+
+def _faults_of(config: PSConfig, shard: int) -> dict[int, list[int]]:
+    """{update: indices into ps.faults} of the faults this shard stops at: its own
+    (`server{shard}@N`) and, on shard 0, every worker's."""
+    due: dict[int, list[int]] = {}
+    for index, fault in enumerate(config.faults):
+        kind, role_index, at = parse_fault(fault, config)
+        if (kind, role_index) == ("server", shard) or (kind == "worker" and shard == 0):
+            due.setdefault(at, []).append(index)
+    return due
+
+
+def _stop_at_faults(store: SignedStore, faults: dict[int, list[int]], version: int) -> None:
+    """At the update a fault names, reports it and waits until the supervisor has killed
+    the role, so the fault fires at exactly that update. A shard restarted after its own
+    fault passes the update again without stopping."""
+    for at in sorted(at for at in faults if at <= version):
+        for index in faults.pop(at):
+            if store.try_get(fault_key(index, "reached")) is not None:
+                continue
+            store.set(fault_key(index, "reached"), str(version))
+            if store.get(fault_key(index, "done"), FAULT_WAIT_SECONDS * 1000) is None:
+                print(f"no supervisor acted on ps.faults[{index}] within "
+                      f"{FAULT_WAIT_SECONDS} s; going on", flush=True)
 
 
 def _idle(core: ServerCore, publisher, store: SignedStore, config: PSConfig,
