@@ -4,8 +4,10 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,4 +220,195 @@ def test_restarted_worker_rejoins_synchronous_run(tmp_path):
     assert "restarted worker1" in out.stdout
     train = records(tmp_path)
     np.testing.assert_allclose([r["loss"] for r in train], inproc_losses(20), rtol=1e-5)
+    assert not leftover_processes(tmp_path)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _fields(buffer: bytes) -> dict[int, bytes]:
+    """The length-delimited fields of a protobuf message (the last of each number)."""
+    out, i = {}, 0
+    while i < len(buffer):
+        tag, i = _read_varint(buffer, i)
+        size, i = _read_varint(buffer, i) if tag & 7 == 2 else (0, i)
+        out[tag >> 3], i = buffer[i:i + size], i + size
+    return out
+
+
+def _read_varint(buffer: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        value |= (buffer[i] & 0x7F) << shift
+        shift, i = shift + 7, i + 1
+        if not buffer[i - 1] & 0x80:
+            return value, i
+
+
+class Stranger:
+    """A process outside the run that can reach the coordinator's port, and nothing else:
+    raw gRPC calls to the coordination service (xla.coordination.CoordinationService).
+    A request without the service's incarnation is refused with an error that names it
+    (jax 0.10.2), so the port is all a stranger needs."""
+
+    def __init__(self, address: str):
+        import grpc
+
+        self.grpc, self.channel = grpc, grpc.insecure_channel(address)
+        try:
+            self._call("TryGetKeyValue", _field(2, b"-"))
+        except grpc.RpcError as err:
+            incarnation = int(re.search(r"currently (\d+)", err.details()).group(1))
+        self.incarnations = _field(1, _varint(3 << 3 | 1) + struct.pack("<Q", incarnation))
+
+    def _call(self, method: str, body: bytes) -> bytes:
+        call = self.channel.unary_unary(f"/xla.coordination.CoordinationService/{method}",
+                                        request_serializer=bytes, response_deserializer=bytes)
+        return call(body, timeout=10)
+
+    def try_get(self, name: str) -> bytes | None:
+        try:
+            reply = self._call("TryGetKeyValue", self.incarnations + _field(2, name.encode()))
+        except self.grpc.RpcError as err:
+            if err.code() == self.grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return _fields(_fields(reply)[1])[2]
+
+    def create(self, name: str, value: bytes) -> bool:
+        entry = _field(1, name.encode()) + _field(2, value)
+        try:
+            self._call("InsertKeyValue", self.incarnations + _field(2, entry))
+        except self.grpc.RpcError as err:
+            if err.code() == self.grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            raise
+        return True
+
+    def increment(self, name: str) -> int:
+        body = self.incarnations + _field(2, name.encode()) + _varint(3 << 3) + _varint(1)
+        return int(_fields(_fields(self._call("IncrementKeyValue", body))[1])[2])
+
+    def status(self) -> dict | None:
+        """Shard 0's status (its JSON, after whatever precedes it)."""
+        value = self.try_get("ps/s0/status")
+        return None if value is None else json.loads(value[value.index(b'{"version"'):])
+
+    def inject(self, payload: bytes) -> None:
+        """Puts a gradient where shard 0 reads next: in the slot a worker would take
+        (by the inbox counter, or by the lowest free claim)."""
+        slot = self.increment("ps/s0/count")
+        self.create(f"ps/s0/inbox/{slot}", payload)
+        slot = 1
+        while not self.create(f"ps/s0/claim/{slot}", b'{"worker": 0, "incarnation": 0}'):
+            slot += 1
+        self.create(f"ps/s0/inbox/{slot}", payload)
+
+
+def forged_gradients():
+    """A maker of well-formed pushes from "worker 0" for a version: huge gradients, loss 99."""
+    from lmjax.ps import sharding
+    from lmjax.ps.kv import encode_push
+    from lmjax.ps.policies import Push
+    from lmjax.ps.worker import param_shapes
+
+    shapes = param_shapes(TINY)
+    plan = sharding.plan_shards(shapes, 1)
+    grads = {name: np.full(shape, 1e3, np.float32) for name, shape in shapes.items()}
+    return lambda version, clock: encode_push(Push(0, clock, version, version, 99.0, grads),
+                                              plan, 0)
+
+
+def attack(workdir, times: int, done: threading.Event, injected: list) -> None:
+    """Waits for the run's coordinator, then injects a forged gradient as soon as each
+    new version is published, `times` times."""
+    forged, spec = forged_gradients(), Path(workdir, "ps_spec.json")
+    while not spec.exists() and not done.is_set():
+        time.sleep(0.1)
+    stranger = None
+    while stranger is None and not done.is_set():
+        try:
+            stranger = Stranger(json.loads(spec.read_text())["coordinator"])
+        except Exception:  # noqa: BLE001  (the service is not up yet)
+            time.sleep(0.2)
+    seen = -1
+    while len(injected) < times and not done.is_set():
+        status = stranger.status()
+        if status is None or status["version"] == seen:
+            time.sleep(0.002)
+            continue
+        seen = status["version"]
+        stranger.inject(forged(seen, status["clocks"][0]))
+        injected.append(seen)
+
+
+@pytest.mark.slow
+def test_forged_gradient_from_a_stranger_is_refused(tmp_path):
+    """A stranger writes well-formed gradients into the inbox of a synchronous run as soon
+    as each version is published: every one is refused (its HMAC does not match), and the
+    losses equal an uninterrupted run's."""
+    done, injected = threading.Event(), []
+    thread = threading.Thread(target=attack, args=(tmp_path, 3, done, injected), daemon=True)
+    thread.start()
+    try:
+        out = run_ps(tmp_path, SYNC, "ps.num_updates=30")
+    finally:
+        done.set()
+        thread.join()
+    assert out.returncode == 0, out.stderr[-3000:]
+    train = records(tmp_path)
+    assert all(r["loss"] < 10 for r in train)  # loss 99: a forged gradient was applied
+    np.testing.assert_allclose([r["loss"] for r in train], inproc_losses(30), rtol=1e-5)
+    assert len(injected) == 3 and injected[-1] < 30, injected
+    log = Path(tmp_path, "logs", "server0.log").read_text()
+    assert re.search(r"refused the value of ps/s0/(inbox|claim)/\d+", log), log[-2000:]
+    assert json.loads(Path(tmp_path, "summary.json").read_text())["refused"] >= 3
+
+
+def pushes_per_version(train) -> int:
+    """The most applied gradients computed from one version (async: one per update)."""
+    from collections import Counter
+
+    return max(Counter(r["step"] - 1 - r["updates_behind"] for r in train).values())
+
+
+@pytest.mark.slow
+def test_server_fault_fires_at_the_named_update(tmp_path):
+    """server0 is killed at update 40 exactly; while it restarts, workers push at most
+    ps.max_pushes_per_version gradients from the last version instead of hundreds."""
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=100", "ps.faults=['server0@40']",
+                 "ps.max_restarts=1", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ps: killed server0 at update 40\n" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 101))
+    assert pushes_per_version(train) <= 4 * 2  # the default bound, 2 workers
+    assert sum(r["throttled"] for r in records(tmp_path, "worker")) > 0
+    assert not leftover_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_worker_fault_fires_at_the_named_update(tmp_path):
+    """worker1 is killed at update 20 exactly; the survivor goes on, never more than
+    ps.max_pushes_per_version gradients from one version, and no update waits for the
+    dead worker (a slot it claimed but never wrote is skipped at once)."""
+    out = run_ps(tmp_path, ASYNC, "ps.num_updates=100", "ps.faults=['worker1@20']")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ps: killed worker1 at update 20\n" in out.stdout
+    train = records(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 101))
+    assert pushes_per_version(train) <= 4 * 2
+    gaps = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False)]
+    assert max(gaps) < 3.0, max(gaps)  # a slot waited out would take 5 s
     assert not leftover_processes(tmp_path)

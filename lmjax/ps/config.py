@@ -19,6 +19,9 @@ class PSConfig:
     softsync_n: int = 1  # softsync: apply after num_workers / n gradients
     n_fetch: int = 1  # async (Downpour): pull every n_fetch steps
     n_push: int = 1  # async (Downpour): push the mean of n_push steps' gradients
+    # A worker pushes at most this many gradients computed from one version of a shard's
+    # parameters, then waits for a newer version instead of computing more from the old one.
+    max_pushes_per_version: int = 4
     num_updates: int = 60
     batch_size: int = 8  # per worker and step
     optimizer: str = "adam"  # sgd, momentum, adam, adagrad (lmjax/ps/server.py)
@@ -54,7 +57,8 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
             raise ValueError(f"unknown ps.{field} {getattr(config, field)!r}; known: "
                              f"{', '.join(names)}")
     positive = ("num_servers", "num_workers", "softsync_n", "n_fetch", "n_push", "num_updates",
-                "batch_size", "checkpoint_every", "heartbeat_timeout", "join_timeout")
+                "batch_size", "checkpoint_every", "heartbeat_timeout", "join_timeout",
+                "max_pushes_per_version")
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"ps.{name} must be positive, got {getattr(config, name)}")
@@ -74,6 +78,11 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
                          f"[0, num_workers={config.num_workers})")
     if config.policy not in POLICIES_WITH_DOWNPOUR and (config.n_fetch, config.n_push) != (1, 1):
         raise ValueError("ps.n_fetch and ps.n_push apply to the 'async' policy only")
+    per_fetch = -(-config.n_fetch // config.n_push)  # pushes between two pulls
+    if config.max_pushes_per_version < per_fetch:
+        raise ValueError(f"ps.max_pushes_per_version={config.max_pushes_per_version} is below "
+                         f"the {per_fetch} pushes a worker makes between two pulls (n_fetch / "
+                         "n_push); raise it")
     if len(config.slowdown) > config.num_workers or any(f <= 0 for f in config.slowdown):
         raise ValueError(f"ps.slowdown {config.slowdown} needs at most num_workers positive "
                          "factors")

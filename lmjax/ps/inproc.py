@@ -133,7 +133,8 @@ class Simulation:
             self.idle[w] += self.now - start
         return [{"split": "worker", "step": step, "worker": w, "gradients": worker.clock,
                  "idle_fraction": self.idle[w] / self.now if self.now else 0.0,
-                 "pushed_bytes": worker.pushed_bytes, "pulled_bytes": worker.pulled_bytes}
+                 "throttled": worker.throttled, "pushed_bytes": worker.pushed_bytes,
+                 "pulled_bytes": worker.pulled_bytes}
                 for w, worker in enumerate(self.workers)]
 
 

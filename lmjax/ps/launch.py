@@ -14,6 +14,8 @@ no --process_id, jax.distributed detects SLURM or Open MPI and the rank picks th
 """
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,14 +27,22 @@ import time
 from lmjax.errors import RunError
 from lmjax.ps.child import PARENT_ENV
 from lmjax.ps.config import PSConfig, parse_fault
-from lmjax.ps.kv import is_missing
+from lmjax.ps.kv import (
+    SECRET_FILE,
+    SignedStore,
+    dead_key,
+    fault_key,
+    parse_status,
+    read_secret,
+    write_secret,
+)
 from lmjax.ps.roles import (
     ROLES,
     RunSpec,
     raw_phase,
     read_finals,
     role_of,
-    write_worker_records,
+    write_final_records,
 )
 
 TOLERANT = {"async", "ssp", "softsync", "backup"}  # policies that go on without a worker
@@ -74,7 +84,7 @@ class Supervisor:
         self.restarts = {pid: 0 for pid in range(1, spec.num_processes)}
         self.finished: set[int] = set()
         self.dead: set[int] = set()  # workers the run goes on without
-        self.faults = [parse_fault(f, self.config) for f in self.config.faults]
+        self.faults = {i: parse_fault(f, self.config) for i, f in enumerate(self.config.faults)}
         self.logs = os.path.join(spec.workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.events: list[str] = []
@@ -86,7 +96,7 @@ class Supervisor:
     def start(self, pid: int) -> None:
         log = open(os.path.join(self.logs, f"{self.name(pid)}.log"), "a")  # noqa: SIM115
         cmd = [sys.executable, "-m", "lmjax.ps.child", f"--spec={self.spec_path}",
-               f"--process_id={pid}"]
+               f"--process_id={pid}", f"--incarnation={self.restarts[pid]}"]
         self.procs[pid] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                            env=child_env())
         log.close()
@@ -149,6 +159,7 @@ def start_coordinator(spec: RunSpec, joined: threading.Event, holder: dict) -> N
 def supervise(spec: RunSpec, spec_path: str) -> dict:
     """Runs the whole job; returns a summary or raises LaunchError with everything stopped."""
     sup = Supervisor(spec, spec_path)
+    secret = write_secret(spec.workdir)  # before any child starts: they read it at once
     joined, holder = threading.Event(), {}
     thread = threading.Thread(target=start_coordinator, args=(spec, joined, holder),
                               daemon=True)
@@ -160,13 +171,16 @@ def supervise(spec: RunSpec, spec_path: str) -> dict:
         _wait_joined(sup, joined, start)
         if "error" in holder:
             sup.fail(f"the supervisor could not join as the coordinator: {holder['error']}")
-        client = holder["client"]
-        client.key_value_set("ps/start", repr(time.time()))
-        _watch(sup, client)
-        summary = _finish(sup, client, start)
+        store = SignedStore(holder["client"], secret)
+        store.set("ps/start", repr(time.time()))
+        _watch(sup, store)
+        summary = _finish(sup, store, start)
     except BaseException:
         sup.stop_all()
         raise
+    finally:  # the secret is worth nothing once the run's service is gone
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(spec.workdir, SECRET_FILE))
     return summary
 
 
@@ -181,55 +195,54 @@ def _wait_joined(sup: Supervisor, joined: threading.Event, start: float) -> None
                      f"{sup.config.join_timeout} s; all processes were stopped")
 
 
-def _version(client) -> int:
-    try:
-        import json
-
-        return json.loads(client.key_value_try_get("ps/s0/status"))["version"]
-    except Exception as err:  # noqa: BLE001
-        if is_missing(err):
-            return 0
-        raise
+def _version(store: SignedStore) -> int:
+    text = store.try_get("ps/s0/status")
+    return 0 if text is None else parse_status(text)[0].version
 
 
-def _watch(sup: Supervisor, client) -> None:
+def _watch(sup: Supervisor, store: SignedStore) -> None:
     """Until every server finished: restart or tolerate deaths, inject faults."""
     servers = set(range(1, sup.config.num_servers + 1))
     while not servers <= sup.finished:
         time.sleep(POLL_SECONDS)
-        _inject_faults(sup, client)
+        _inject_faults(sup, store)
         for pid, proc in sup.procs.items():
             if pid in sup.finished or pid in sup.dead or proc.poll() is None:
                 continue
             if proc.returncode == 0:
                 sup.finished.add(pid)
             else:
-                _handle_death(sup, pid, proc.returncode, client)
+                _handle_death(sup, pid, proc.returncode, store)
 
 
-def _mark(client, name: str, dead: bool) -> None:
-    """Tells the server shards which workers to leave out of SSP rounds."""
-    if dead:
-        client.key_value_set(f"ps/dead/{name}", "1", allow_overwrite=True)
-    else:
-        client.key_value_delete(f"ps/dead/{name}")
+def _inject_faults(sup: Supervisor, store: SignedStore) -> None:
+    """Kills the role a fault names once its shard reports the named update; the shard
+    waits there until `done`, after the death has been handled (and reported)."""
+    for index, (kind, role_index, _) in list(sup.faults.items()):
+        reached = store.try_get(fault_key(index, "reached"))
+        if reached is None:
+            continue
+        pid = role_index + 1 if kind == "server" else role_index + 1 + sup.config.num_servers
+        proc = sup.procs[pid]
+        del sup.faults[index]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            sup.events.append(f"killed {kind}{role_index} at update {int(reached)}")
+            _handle_death(sup, pid, proc.returncode, store)
+        else:
+            sup.events.append(f"{kind}{role_index} was not running at update {int(reached)}")
+        store.set(fault_key(index, "done"), "1")
 
 
-def _inject_faults(sup: Supervisor, client) -> None:
-    if not sup.faults:
-        return
-    version = _version(client)
-    for fault in [f for f in sup.faults if f[2] <= version]:
-        kind, index, _ = fault
-        pid = index + 1 if kind == "server" else index + 1 + sup.config.num_servers
-        sup.procs[pid].send_signal(signal.SIGKILL)
-        sup.events.append(f"killed {kind}{index} at update {version}")
-        sup.faults.remove(fault)
-
-
-def _handle_death(sup: Supervisor, pid: int, code: int, client) -> None:
+def _handle_death(sup: Supervisor, pid: int, code: int, store: SignedStore) -> None:
     name, config = sup.name(pid), sup.config
-    if sup.restarts[pid] < config.max_restarts:
+    restart = sup.restarts[pid] < config.max_restarts
+    if name.startswith("worker"):
+        # First of all: the servers stop waiting on an inbox slot this worker claimed.
+        notice = {"incarnation": sup.restarts[pid], "restarting": restart}
+        store.set(dead_key(pid - 1 - config.num_servers), json.dumps(notice))
+    if restart:
         sup.restarts[pid] += 1
         sup.events.append(f"restarted {name} (exit code {code})")
         sup.start(pid)
@@ -240,7 +253,6 @@ def _handle_death(sup: Supervisor, pid: int, code: int, client) -> None:
             sup.fail(f"{name} died (exit code {code}) and no worker is left", pid)
         if config.policy != "backup" or dead <= config.backup_workers:
             sup.dead.add(pid)
-            _mark(client, name, dead=True)
             sup.events.append(f"{name} died (exit code {code}); going on without it")
             return
     if name.startswith("worker"):
@@ -251,8 +263,8 @@ def _handle_death(sup: Supervisor, pid: int, code: int, client) -> None:
              f"(ps.max_restarts={config.max_restarts}); all processes were stopped", pid)
 
 
-def _finish(sup: Supervisor, client, start: float) -> dict:
-    """Waits for the workers, then appends one record per worker to metrics.jsonl."""
+def _finish(sup: Supervisor, store: SignedStore, start: float) -> dict:
+    """Waits for the workers, then appends the roles' final records to metrics.jsonl."""
     deadline = time.time() + 60
     for pid, proc in sup.procs.items():
         if pid not in sup.dead:
@@ -260,11 +272,19 @@ def _finish(sup: Supervisor, client, start: float) -> dict:
                 proc.wait(timeout=max(deadline - time.time(), 1))
             except subprocess.TimeoutExpired:
                 sup.fail(f"{sup.name(pid)} did not stop after the last update", pid)
-    version = _version(client)
-    write_worker_records(sup.spec.workdir, version, read_finals(client, sup.config))
+    version = _version(store)
+    finals = read_finals(store, sup.config)
+    write_final_records(sup.spec.workdir, version, finals)
+    refused = {name: final["refused"] for name, final in finals.items()}
+    refused["supervisor"] = len(store.refused)
+    if sum(refused.values()):
+        sup.events.append(f"refused {sum(refused.values())} values that failed the HMAC "
+                          f"check ({', '.join(f'{k}: {v}' for k, v in refused.items() if v)}; "
+                          f"see {sup.logs})")
     for event in sup.events:
         print(f"ps: {event}")
-    return {"updates": version, "seconds": time.time() - start, "events": sup.events}
+    return {"updates": version, "seconds": time.time() - start, "events": sup.events,
+            "refused": sum(refused.values())}
 
 
 def role_main(argv: list[str] | None = None) -> None:
@@ -274,6 +294,8 @@ def role_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--coordinator", default=None, help="host:port (default: the spec's)")
+    parser.add_argument("--incarnation", type=int, default=0,
+                        help="how often the supervisor restarted this role before")
     args = parser.parse_args(argv)
     spec = RunSpec.load(args.spec)
     import jax
@@ -289,28 +311,27 @@ def role_main(argv: list[str] | None = None) -> None:
     from lmjax.ps.kv import kv_client
 
     client = kv_client()
+    store = SignedStore(client, read_secret(spec.workdir))
     role, index = role_of(jax.process_index(), config)
     if spec.bench:
-        raw_phase(spec, role, client)
+        raw_phase(spec, role, client)  # the raw store's speed: unsigned on purpose
     if role == "coordinator":
-        run_cluster_coordinator(spec, client)
+        run_cluster_coordinator(spec, store)
     else:
-        ROLES.get(role)(spec, index, client)
+        ROLES.get(role)(spec, index, store, args.incarnation)
     sys.stdout.flush()
     # Skip the shutdown barrier: peers that already left (or died) must not hold us.
     os._exit(0)
 
 
-def run_cluster_coordinator(spec: RunSpec, client) -> None:
-    """Process 0 on a cluster: hosts the service, starts the clock, writes worker records."""
-    import json
-
-    client.key_value_set("ps/start", repr(time.time()))
+def run_cluster_coordinator(spec: RunSpec, store: SignedStore) -> None:
+    """Process 0 on a cluster: hosts the service, starts the clock, writes final records."""
+    store.set("ps/start", repr(time.time()))
     config: PSConfig = spec.ps
-    while not json.loads(client.blocking_key_value_get("ps/s0/status", 600_000))["done"]:
+    while not parse_status(store.wait("ps/s0/status", 600_000))[0].done:
         time.sleep(1.0)
     time.sleep(5.0)  # let workers publish their final records
-    write_worker_records(spec.workdir, _version(client), read_finals(client, config))
+    write_final_records(spec.workdir, _version(store), read_finals(store, config))
 
 
 if __name__ == "__main__":

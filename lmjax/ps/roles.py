@@ -16,15 +16,23 @@ from lmjax.data.config import LMDataConfig
 from lmjax.data.pipelines import load_lm_data
 from lmjax.models import MODELS
 from lmjax.ps import sharding
-from lmjax.ps.config import PSConfig
-from lmjax.ps.kv import ShardClient, ShardPublisher, encode_arrays, is_missing
+from lmjax.ps.config import PSConfig, parse_fault
+from lmjax.ps.kv import (
+    ShardClient,
+    ShardPublisher,
+    SignedStore,
+    dead_key,
+    encode_arrays,
+    fault_key,
+)
 from lmjax.ps.policies import make_policy
 from lmjax.ps.server import ServerCheckpoints, ServerCore
 from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, worker_batches
 from lmjax.registry import Registry
 from lmjax.train.metrics import MetricWriter
 
-HOLE_SECONDS = 5.0  # a slot taken but never written (its worker died mid-push) is skipped
+HOLE_SECONDS = 5.0  # a claimed slot no one reported dead, left empty this long, is skipped
+FAULT_WAIT_SECONDS = 60  # a shard at a fault's update waits this long for the supervisor
 LIVENESS_SECONDS = 1.0
 MAX_BACKLOG = 64  # gradients applied between two publications at most
 
@@ -94,84 +102,154 @@ ROLES: Registry = Registry("role")
 
 
 @ROLES.register("server")
-def run_server(spec: RunSpec, shard: int, client) -> None:
+def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int = 0) -> None:
+    del incarnation  # a restarted shard goes on from its checkpoint
     config = spec.ps
     params, plan = _plan(spec)
     core = ServerCore(shard, plan.split(params)[shard], config, make_policy(config))
     checkpoints = ServerCheckpoints(spec.workdir, shard)
-    publisher = ShardPublisher(client, plan, shard)
+    publisher = ShardPublisher(store, plan, shard)
     meta = checkpoints.restore(core) or {"cursor": 1, "floor": 1, "pending": []}
     # Gradients queued at the checkpoint are still in the inbox: read them back.
     core.pending = [publisher.read(slot, 60_000) for slot in meta["pending"]]
+    publisher.cursor = meta["cursor"]
     writer = MetricWriter(spec.workdir, core.version) if shard == 0 else None
     core.warm_up()
-    start = float(client.blocking_key_value_get("ps/start", 600_000))
+    start = float(store.wait("ps/start", 600_000))
     publisher.publish(core.status(), core.params_numpy())
-    client.key_value_set(f"ps/ready/server{shard}", "1", allow_overwrite=True)
-    state = {"cursor": meta["cursor"], "floor": meta["floor"], "hole": None, "live": 0.0}
+    store.set(f"ps/ready/server{shard}", "1")
+    state = {"floor": meta["floor"], "hole": None, "live": 0.0, "start": start,
+             "faults": _faults_of(config, shard)}
     while not core.status().done:
-        push = publisher.read(state["cursor"])
+        push = publisher.read(publisher.cursor)
         if push is None:
-            _idle(core, publisher, client, config, state)
+            _idle(core, publisher, store, config, state)
             continue
         state["hole"] = None
-        applied, count = False, 0
-        # Apply the backlog, then publish once: one parameter upload per batch.
-        while push is not None and not core.status().done:
-            count += 1
-            state["cursor"] = push.slot + 1
-            records = core.receive(push, time.time() - start)
-            applied = applied or bool(records)
-            for record in records if writer else ():
-                writer.write(record)
-            if records and (core.version % config.checkpoint_every == 0 or core.status().done):
-                _checkpoint(core, checkpoints, publisher, state)
-            push = publisher.try_read(state["cursor"]) if count < MAX_BACKLOG else None
+        applied = _apply_backlog(core, push, publisher, checkpoints, writer, state)
         publisher.publish(core.status(), core.params_numpy() if applied else None)
+        _stop_at_faults(store, state["faults"], core.version)
+    store.set(f"ps/final/server{shard}", json.dumps({"refused": len(store.refused)}))
     checkpoints.close()
     if writer:
         writer.close()
 
 
+def _apply_backlog(core: ServerCore, push, publisher, checkpoints, writer, state) -> bool:
+    """Applies the gradients waiting in the inbox, at most MAX_BACKLOG, so the caller
+    publishes once per batch (one parameter upload); stops at an update a fault names.
+    Returns whether any update was applied."""
+    applied = False
+    for _ in range(MAX_BACKLOG):
+        publisher.cursor = push.slot + 1
+        records = core.receive(push, time.time() - state["start"])
+        applied = applied or bool(records)
+        for record in records if writer else ():
+            writer.write(record)
+        if records and (core.version % core.config.checkpoint_every == 0 or core.status().done):
+            _checkpoint(core, checkpoints, publisher, state)
+        if core.status().done or any(at <= core.version for at in state["faults"]):
+            break
+        push = publisher.try_read(publisher.cursor)
+        if push is None:
+            break
+    return applied
+
+
 def _checkpoint(core: ServerCore, checkpoints, publisher, state: dict) -> None:
     """Saves, then deletes the inbox slots the checkpoint covers (acknowledged updates)."""
     pending = [p.slot for p in core.pending]
-    floor = min([*pending, state["cursor"]])
+    floor = min([*pending, publisher.cursor])
     checkpoints.save(core, {"version": core.version, "clocks": core.clocks,
-                            "cursor": state["cursor"], "floor": floor, "pending": pending})
+                            "cursor": publisher.cursor, "floor": floor, "pending": pending})
     publisher.forget(range(state["floor"], floor))
     state["floor"] = floor
 
 
-def _idle(core: ServerCore, publisher, client, config: PSConfig, state: dict) -> None:
-    """No gradient arrived: refresh which workers live (SSP rounds skip dead ones) and
-    skip an inbox slot whose writer died between taking and filling it.
+def _faults_of(config: PSConfig, shard: int) -> dict[int, list[int]]:
+    """{update: indices into ps.faults} of the faults this shard stops at: its own
+    (`server{shard}@N`) and, on shard 0, every worker's."""
+    due: dict[int, list[int]] = {}
+    for index, fault in enumerate(config.faults):
+        kind, role_index, at = parse_fault(fault, config)
+        if (kind, role_index) == ("server", shard) or (kind == "worker" and shard == 0):
+            due.setdefault(at, []).append(index)
+    return due
 
-    The supervisor marks dead workers under `ps/dead/` (`get_live_nodes` cannot serve
+
+def _stop_at_faults(store: SignedStore, faults: dict[int, list[int]], version: int) -> None:
+    """At the update a fault names, reports it and waits until the supervisor has killed
+    the role, so the fault fires at exactly that update. A shard restarted after its own
+    fault passes the update again without stopping."""
+    for at in sorted(at for at in faults if at <= version):
+        for index in faults.pop(at):
+            if store.try_get(fault_key(index, "reached")) is not None:
+                continue
+            store.set(fault_key(index, "reached"), str(version))
+            if store.get(fault_key(index, "done"), FAULT_WAIT_SECONDS * 1000) is None:
+                print(f"no supervisor acted on ps.faults[{index}] within "
+                      f"{FAULT_WAIT_SECONDS} s; going on", flush=True)
+
+
+def _idle(core: ServerCore, publisher, store: SignedStore, config: PSConfig,
+          state: dict) -> None:
+    """No gradient arrived: refresh which workers live (SSP rounds skip dead ones) and
+    skip an inbox slot that will never be written.
+
+    The supervisor reports dead workers under `ps/dead/` (`get_live_nodes` cannot serve
     here: it is a barrier that every listed process must enter).
     """
     now = time.time()
     if now - state["live"] > LIVENESS_SECONDS:
         state["live"] = now
-        dead = {name.rsplit("/", 1)[-1] for name, _ in client.key_value_dir_get("ps/dead/")}
-        alive = {w for w in range(config.num_workers) if f"worker{w}" not in dead}
+        alive = _alive(store, config)
         if alive != core.alive:
             core.alive = alive
             publisher.publish(core.status(), None)
-    if publisher.slots_written() >= state["cursor"]:
-        state["hole"] = state["hole"] or now
-        if now - state["hole"] > HOLE_SECONDS:
-            state["cursor"] += 1
-            state["hole"] = None
+    if _abandoned(publisher, store, state, now):
+        publisher.cursor += 1
+        state["hole"] = None
+
+
+def _alive(store: SignedStore, config: PSConfig) -> set[int]:
+    """Workers not reported dead for good (a restarting worker still counts)."""
+    notices = dict(store.dir_get("ps/dead/"))
+    return {w for w in range(config.num_workers)
+            if json.loads(notices.get(dead_key(w), b'{"restarting": true}'))["restarting"]}
+
+
+def _abandoned(publisher, store: SignedStore, state: dict, now: float) -> bool:
+    """Whether the inbox slot at the cursor will never be written: its claim is forged, or
+    its taker died between claiming and writing it (the supervisor's notice names that
+    incarnation: skipped at once), or it stayed empty for HOLE_SECONDS (nobody told)."""
+    slot = publisher.cursor
+    taken, claim = publisher.claim(slot)
+    if not taken:
+        state["hole"] = None
+        return False
+    if claim is None:
+        print(f"inbox slot {slot}: its claim is forged; skipped", flush=True)
+        return True
+    notice = store.try_get(dead_key(claim["worker"]))
+    if notice is not None and json.loads(notice)["incarnation"] >= claim["incarnation"]:
+        print(f"inbox slot {slot}: worker{claim['worker']} died before writing it; skipped",
+              flush=True)
+        return True
+    state["hole"] = state["hole"] or now
+    if now - state["hole"] > HOLE_SECONDS:
+        print(f"inbox slot {slot}: empty for {HOLE_SECONDS} s; skipped", flush=True)
+        return True
+    return False
 
 
 @ROLES.register("worker")
-def run_worker(spec: RunSpec, index: int, client) -> None:
+def run_worker(spec: RunSpec, index: int, store: SignedStore, incarnation: int = 0) -> None:
     config = spec.ps
     _, plan = _plan(spec)
     data = load_lm_data(**dataclasses.asdict(spec.data_config),
                         tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
-    shards = [ShardClient(client, plan, k) for k in range(config.num_servers)]
+    shards = [ShardClient(store, plan, k, owner=(index, incarnation))
+              for k in range(config.num_servers)]
     first = shards[0].status()[0]
     grad_fn = echo_grads if spec.bench else make_grad_fn(spec.model_config)
     core = WorkerCore(index, config, make_policy(config), plan, grad_fn,
@@ -181,9 +259,9 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
     # Compile before the start, so a slow compile does not make the first gradient stale.
     jax.block_until_ready(grad_fn(sharding.unflatten(initial_params(spec.model_config, 0)),
                                   core.batches[core.clock]))
-    client.key_value_set(f"ps/ready/worker{index}", "1", allow_overwrite=True)
+    store.set(f"ps/ready/worker{index}", "1")
     for other in range(config.num_workers):  # start together (a restarted worker passes)
-        client.blocking_key_value_get(f"ps/ready/worker{other}", config.join_timeout * 1000)
+        store.wait(f"ps/ready/worker{other}", config.join_timeout * 1000)
     start, idle = time.time(), 0.0
     while True:
         if core.wants_fetch():
@@ -205,9 +283,9 @@ def run_worker(spec: RunSpec, index: int, client) -> None:
             shard.push(push)
     seconds = time.time() - start
     final = {"gradients": core.clock, "idle_fraction": idle / max(seconds, 1e-9),
-             "seconds": seconds, "pushed_bytes": core.pushed_bytes,
-             "pulled_bytes": core.pulled_bytes}
-    client.key_value_set(f"ps/final/worker{index}", json.dumps(final), allow_overwrite=True)
+             "seconds": seconds, "throttled": core.throttled, "refused": len(store.refused),
+             "pushed_bytes": core.pushed_bytes, "pulled_bytes": core.pulled_bytes}
+    store.set(f"ps/final/worker{index}", json.dumps(final))
 
 
 def _straggle(config: PSConfig, index: int, seconds: float) -> None:
@@ -262,20 +340,19 @@ def _wait_for_pull(core: WorkerCore, shards: list[ShardClient]):
         shards[blocked].wait_change(pairs[blocked][1])
 
 
-def read_finals(client, config: PSConfig) -> dict[int, dict]:
-    finals = {}
-    for w in range(config.num_workers):
-        try:
-            finals[w] = json.loads(client.key_value_try_get(f"ps/final/worker{w}"))
-        except Exception as err:  # noqa: BLE001
-            if not is_missing(err):
-                raise
-    return finals
+def read_finals(store: SignedStore, config: PSConfig) -> dict[str, dict]:
+    """The final records the roles left, by role name (`worker0`, `server0`, ...)."""
+    names = [f"worker{w}" for w in range(config.num_workers)]
+    names += [f"server{k}" for k in range(config.num_servers)]
+    finals = {name: store.try_get(f"ps/final/{name}") for name in names}
+    return {name: json.loads(text) for name, text in finals.items() if text is not None}
 
 
-def write_worker_records(workdir: str, version: int, finals: dict[int, dict]) -> None:
-    """One `"split": "worker"` record per worker after the run's last update."""
+def write_final_records(workdir: str, version: int, finals: dict[str, dict]) -> None:
+    """After the run's last update: one `"split": "worker"` record per worker, then one
+    `"split": "server"` record per shard."""
     writer = MetricWriter(workdir, version)
-    for worker, final in sorted(finals.items()):
-        writer.write({"split": "worker", "step": version, "worker": worker, **final})
+    for name, final in sorted(finals.items(), key=lambda item: item[0].startswith("server")):
+        role = name.rstrip("0123456789")
+        writer.write({"split": role, "step": version, role: int(name[len(role):]), **final})
     writer.close()

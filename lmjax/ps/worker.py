@@ -91,6 +91,9 @@ class WorkerCore:
         self.params = None
         self.versions = [-1] * self.plan.num_shards
         self.rounds = [0] * self.plan.num_shards
+        self.pushes = [0] * self.plan.num_shards  # pushes from the version held, per shard
+        self.throttled = 0  # pulls that waited because of ps.max_pushes_per_version
+        self._waiting = False
         self._accum: dict | None = None
         self._count = 0
         self._losses: list[float] = []
@@ -99,13 +102,28 @@ class WorkerCore:
         return self.params is None or self.policy.fetch_due(self.clock)
 
     def may_pull(self, statuses: list[Status]) -> bool:
+        """Whether the policy and the push bound let this worker read every shard now;
+        counts each pull the bound holds back once in `throttled`."""
+        if any(self.at_push_bound(k, s) for k, s in enumerate(statuses)) and not self._waiting:
+            self._waiting = True
+            self.throttled += 1
         return all(self.may_pull_shard(k, s) for k, s in enumerate(statuses))
 
     def may_pull_shard(self, shard: int, status: Status) -> bool:
-        return self.policy.may_pull(self.clock, self.versions[shard], status)
+        return (self.policy.may_pull(self.clock, self.versions[shard], status)
+                and not self.at_push_bound(shard, status))
+
+    def at_push_bound(self, shard: int, status: Status) -> bool:
+        """True while the shard still publishes the version this worker has pushed
+        max_pushes_per_version gradients from: more would only add stale ones."""
+        return (self.pushes[shard] >= self.config.max_pushes_per_version
+                and status.version == self.versions[shard] and not status.done)
 
     def take(self, parts: list[dict], statuses: list[Status]) -> None:
         self.params = sharding.unflatten(self.plan.merge(parts))
+        self.pushes = [n if s.version == v else 0
+                       for n, s, v in zip(self.pushes, statuses, self.versions, strict=True)]
+        self._waiting = False
         self.versions = [s.version for s in statuses]
         self.rounds = [s.rounds for s in statuses]
         self.pulled_bytes += sum(nbytes(p) for p in parts)
@@ -129,5 +147,6 @@ class WorkerCore:
         self._accum, self._count, self._losses = None, 0, []
         parts = self.plan.split(mean)
         self.pushed_bytes += sum(nbytes(p) for p in parts)
+        self.pushes = [n + 1 for n in self.pushes]
         return [Push(self.index, clock, self.versions[k], self.rounds[k], loss_mean, part,
                      self.pushed_bytes, self.pulled_bytes) for k, part in enumerate(parts)]
