@@ -104,6 +104,16 @@ def tiny_args(workdir, *params: str) -> list[str]:
     return args + [f"--gin_param={p}" for p in params]
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A workdir of the tiny config trained by the CLI (20 steps, checkpoints at 10 and 20,
+    the best at 20), shared by the session: tests copy it before they change anything."""
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    result = run_cli(*tiny_args(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
 def run_steps(task, mesh, train_config, steps: int, rules_name="fsdp_tensor", seed: int = 0):
     """`steps` training steps of `task` on `mesh` from the seed's init and batches:
     (metrics of each step as floats, final state)."""

@@ -47,13 +47,9 @@ DAMAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny config, checkpoints at steps 10 and 20 (the best is 20)."""
-    workdir = tmp_path_factory.mktemp("faults") / "run"
-    result = run_cli(*tiny_args(workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+@pytest.fixture
+def trained(tiny_trained):
+    return tiny_trained
 
 
 def _setup(workdir: Path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, is_loopback, listening, run_cli
 
 from lmjax.models import GPTConfig
 from lmjax.ps.config import PSConfig
@@ -104,21 +104,6 @@ def test_killed_server_resumes_from_checkpoint(tmp_path):
     assert not leftover_processes(tmp_path)
 
 
-def _listening(port: int) -> set[str]:
-    """Local addresses (hex, as /proc/net/tcp* writes them) of sockets listening on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
-    return found
-
-
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
-
-
 def test_coordinator_listens_on_loopback_only(tmp_path):
     """The coordination service (and its unauthenticated key-value store) binds
     127.0.0.1, not every interface."""
@@ -132,12 +117,12 @@ def test_coordinator_listens_on_loopback_only(tmp_path):
             spec = Path(tmp_path, "ps_spec.json")
             if spec.exists():
                 port = int(json.loads(spec.read_text())["coordinator"].rsplit(":", 1)[1])
-                seen = _listening(port)
+                seen = {address for address, p in listening() if p == port}
             time.sleep(0.2)
     finally:
         code = proc.wait(timeout=400)
     assert code == 0, proc.stderr.read()[-3000:]
-    assert seen and seen <= LOOPBACK, seen
+    assert seen and all(is_loopback(address) for address in seen), seen
 
 
 def test_children_die_with_a_supervisor_killed_at_once(tmp_path):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import openai
 import pytest
 import uvicorn
-from conftest import REPO, run_cli, tiny_args
+from conftest import REPO, run_cli
 from flax import linen as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,13 +230,9 @@ def test_500_requests_at_concurrency_32(server):
     _check_load(server, requests=500, concurrency=32, max_tokens=40)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A workdir of the tiny config trained by the CLI (20 steps)."""
-    workdir = tmp_path_factory.mktemp("served") / "run"
-    result = run_cli(*tiny_args(workdir))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return workdir
+@pytest.fixture
+def trained(tiny_trained):
+    return tiny_trained
 
 
 def test_serve_command_answers_and_drains_on_sigterm(trained, tmp_path):
