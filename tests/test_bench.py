@@ -70,3 +70,15 @@ def test_bench_tiny(offline_data, clean_gin, tmp_path, capsys, monkeypatch):
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench: ")]
     assert len(lines) == 1
     assert json.loads(lines[0][len("bench: "):])["flops_per_token"] == expected
+
+
+def test_xla_count_is_not_used_for_a_scanned_stack():
+    """Cost analysis counts a loop's body once: a scanned BERT's FLOPs would be one layer's."""
+    from lmjax.models import BertConfig
+    from lmjax.train.bench import _flop_count
+
+    timing = {"xla_flops": 1e9}
+    per_item, how = _flop_count(timing, None, BertConfig(scan_layers=False), 1000)
+    assert (per_item, how) == (1e6, "XLA cost analysis")
+    per_item, how = _flop_count(timing, None, BertConfig(scan_layers=True), 1000)
+    assert math.isnan(per_item) and "scanned" in how

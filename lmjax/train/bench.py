@@ -19,7 +19,8 @@ Definitions (what the printed figures mean):
   projection `padded_vocab * embed_dim` (the lm head is a real matmul on every token
   even though its weights are the token embedding); the token lookup (wte) and the
   learned position table (wpe) cost no matmul FLOPs. Other models use the FLOPs XLA
-  counts in the compiled step (`cost_analysis`), which is also printed for a GPT.
+  counts in the compiled step (`cost_analysis`), which is also printed for a GPT; not
+  with `scan_layers`, whose loop body XLA counts once (bench those unscanned).
 * The peak is measured, not looked up: a jitted `a @ b` on square matrices on one local
   device, in float32 at the default matmul precision (TF32 on recent NVIDIA GPUs) and in
   bfloat16. MFU is against the peak of the dtype the model computes in (`dtype` of its
@@ -192,6 +193,8 @@ def _flop_count(timing: dict, params, model_config, items_per_step: int) -> tupl
     """(FLOPs per item, how they were counted)."""
     if isinstance(model_config, GPTConfig):
         return flops_per_token(params, model_config), "nanoGPT/PaLM formula"
+    if getattr(model_config, "scan_layers", False):
+        return float("nan"), "unknown: XLA counts a scanned stack's body once; bench unscanned"
     if timing["xla_flops"] is None:
         return float("nan"), "unknown (XLA gave no count on this backend)"
     return timing["xla_flops"] / items_per_step, "XLA cost analysis"
@@ -222,7 +225,9 @@ def _figures(timing: dict, params, model_config, config: TrainConfig, mesh: Mesh
         "items_per_step": items, "flops_per_token": per_item, "flops_counted_by": counted,
         "matmul_params": matmul_params(params, model_config)
         if isinstance(model_config, GPTConfig) else None,
-        "xla_flops_per_step": timing["xla_flops"], "achieved_flops": achieved,
+        # Not for a scanned stack: cost analysis counts a loop's body once, not per layer.
+        "xla_flops_per_step": None if getattr(model_config, "scan_layers", False)
+        else timing["xla_flops"], "achieved_flops": achieved,
         "peak_dtype": dtype if dtype in peaks else "float32",
         "peaks": {d: p["flops"] for d, p in peaks.items()},
         "matmul_size": peak["size"], "peak_flops": peak["flops"],
