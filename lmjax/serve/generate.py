@@ -55,16 +55,19 @@ class SamplingParams:
         for name, (ok, allowed) in ranges.items():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: give {allowed}")
-        _check_stop(self.stop)
+        if not isinstance(self.stop, tuple) or not all(isinstance(x, str) for x in self.stop):
+            raise ValueError(f"stop={self.stop!r}: give a tuple of strings")
+        if problem := stop_problem(self.stop):
+            raise ValueError(f"stop: {problem}")
 
 
-def _check_stop(stop) -> None:
-    if not isinstance(stop, tuple) or not all(isinstance(s, str) for s in stop):
-        raise ValueError(f"stop={stop!r}: give a tuple of strings")
+def stop_problem(stop: Sequence[str]) -> str | None:
+    """What is too large about a list of stop strings, or None if it is within bounds."""
     if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise ValueError(f"stop: give at most {MAX_STOP_STRINGS} stop strings of at most "
-                         f"{MAX_STOP_CHARS} characters each (got {len(stop)}, the longest "
-                         f"{max(map(len, stop), default=0)} characters)")
+        return (f"give at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
+                f"characters each (got {len(stop)}, the longest "
+                f"{max(map(len, stop), default=0)} characters)")
+    return None
 
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,

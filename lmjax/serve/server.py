@@ -37,12 +37,11 @@ from lmjax.serve.engine import (
 )
 from lmjax.serve.generate import (
     MAX_NEW_TOKENS,
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
     SEED_LIMIT,
     SamplingParams,
+    stop_problem,
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -93,10 +92,8 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_sizes(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"give at most {MAX_STOP_STRINGS} stop strings of at most "
-                             f"{MAX_STOP_CHARS} characters each")
+        if problem := stop_problem([stop] if isinstance(stop, str) else stop or []):
+            raise ValueError(problem)
         return stop
 
 
@@ -274,11 +271,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _options(body: CompletionRequest) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     seed = body.seed if body.seed is not None else secrets.randbits(32)
-    try:
-        return SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
-                              top_k=body.top_k, top_p=body.top_p, seed=seed, stop=stop)
-    except ValueError as err:  # the schema's bounds are within these; kept as a backstop
-        raise ApiError(422, str(err)) from err
+    # The schema holds the same bounds (generate.py's constants), so this never raises.
+    return SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature,
+                          top_k=body.top_k, top_p=body.top_p, seed=seed, stop=stop)
 
 
 def _prompt_ids(tokenizer: Tokenizer, body: CompletionRequest, block: int) -> list[int]:
