@@ -8,6 +8,7 @@ has been parsed (lmjax/main.py) and turns the bindings into config objects with
 """
 
 import argparse
+import dataclasses
 import os
 import tempfile
 
@@ -38,9 +39,12 @@ def build_task(config: TrainConfig, workdir: str):
 
 
 def _run_parts():
-    """(train config, mesh, rules); the mesh first, as it may set the CPU device count."""
-    mesh, rules = configs.bound(MeshConfig).build()
-    return configs.bound(TrainConfig), mesh, rules
+    """(train config, mesh, rules); the mesh first, as it may set the CPU device count.
+    The model config takes the mesh's tensor-parallel implementation (mesh.tensor_impl)."""
+    mesh_config = configs.bound(MeshConfig)
+    mesh, rules = mesh_config.build()
+    config = configs.bound(TrainConfig)
+    return dataclasses.replace(config, model=mesh_config.configure(config.model)), mesh, rules
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -68,7 +72,8 @@ def bench(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="lmjax-bench-") as scratch:  # DIR stays untouched
         task = build_task(config, scratch)
         return benchmark(task=task, config=config, mesh=mesh, rules=rules,
-                         steps=args.bench_steps, name=args.workdir)
+                         steps=args.bench_steps, name=args.workdir,
+                         collectives=args.collectives)
 
 
 def sample(args: argparse.Namespace) -> str:

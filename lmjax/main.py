@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                     "run (its metrics, summary, logs and shard checkpoints are deleted)")
     bench = parser.add_argument_group("bench")
     bench.add_argument("--bench_steps", type=int, default=20, help="timed steps")
+    bench.add_argument("--collectives", action="store_true",
+                       help="also count the step's collectives by kind and mesh axes, as "
+                       "lowered and after XLA's optimisations")
     serve = parser.add_argument_group("serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (local only by "
                        "default)")

@@ -194,9 +194,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         mask: jax.Array | None = None, causal: bool = False,
                         dropout_rate: float = 0.0,
-                        dropout_rng: jax.Array | None = None) -> jax.Array:
+                        dropout_rng: jax.Array | None = None,
+                        dropout_keep: jax.Array | None = None) -> jax.Array:
     """Attention written out: scores and softmax in float32, probabilities dropped at
-    `dropout_rate` (kept ones scaled by 1 / (1 - rate)) when `dropout_rng` is given.
+    `dropout_rate` (kept ones scaled by 1 / (1 - rate)) when `dropout_rng` is given, or
+    where `dropout_keep` (a boolean mask shaped like the probabilities) is False.
 
     Shapes as `dot_product_attention`.
     """
@@ -207,8 +209,10 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         visible = below if mask is None else mask & below
     probs = _probabilities(scores * q.shape[-1] ** -0.5, visible)
-    if dropout_rng is not None and dropout_rate > 0:
-        probs = _drop(probs, dropout_rate, dropout_rng)
+    if dropout_keep is None and dropout_rng is not None and dropout_rate > 0:
+        dropout_keep = _keep_mask(dropout_rate, dropout_rng, probs.shape)
+    if dropout_keep is not None:
+        probs = jnp.where(dropout_keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
 
 
@@ -219,11 +223,10 @@ def _probabilities(scores: jax.Array, visible: jax.Array | None) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _drop(probs: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def _keep_mask(rate: float, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     if not 0 <= rate < 1:
         raise ValueError(f"attention dropout rate {rate} is outside [0, 1)")
-    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-    return jnp.where(keep, probs / (1.0 - rate), 0.0)
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from lmjax.models import layers
 from lmjax.models.registry import MODELS
+from lmjax.parallel import tensor
 
 
 @MODELS.register("GPTConfig")
@@ -38,6 +39,12 @@ class GPTConfig(layers.DerivedSizes):
     # The embedding is padded to a multiple of this (nanoGPT pads 50257 -> 50304) so
     # the vocabulary divides any tensor-parallel degree; padded logits are masked out.
     vocab_multiple: int = 64
+    # How the blocks split over the mesh's `tensor` axis while training: "auto" (XLA
+    # partitions by the logical axis names) or "shard_map" (Megatron's collectives
+    # written out, lmjax/parallel/tensor.py), optionally with sequence parallelism.
+    # Set from `mesh.tensor_impl` / `mesh.sequence_parallel` by MeshConfig.configure.
+    tensor_impl: str = "auto"
+    sequence_parallel: bool = False
 
     def module(self) -> nn.Module:
         return GPT(self)
@@ -54,6 +61,12 @@ class GPTConfig(layers.DerivedSizes):
                              f"{', '.join(layers.ATTENTION_CHOICES)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} is outside [0, 1)")
+        if self.tensor_impl not in tensor.IMPLS:
+            raise ValueError(f"unknown tensor_impl {self.tensor_impl!r}; use one of "
+                             f"{', '.join(tensor.IMPLS)}")
+        if self.sequence_parallel and self.tensor_impl != "shard_map":
+            raise ValueError("sequence_parallel needs tensor_impl='shard_map' (set "
+                             "mesh.tensor_impl = 'shard_map')")
 
 
 class Block(nn.Module):
@@ -69,6 +82,8 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, cache: layers.KVCache | None, positions: jax.Array,
                  deterministic: bool) -> tuple[jax.Array, layers.KVCache | None]:
         c = self.config
+        if c.tensor_impl == "shard_map" and cache is None and not self.is_initializing():
+            return self._megatron(x, positions, deterministic), None
         norm = functools.partial(layers.norm, c.norm, c.use_bias, c.compute_dtype)
         attention = layers.CausalSelfAttention(
             c.num_heads, c.head_dim, c.num_layers, c.dropout, c.use_bias,
@@ -84,6 +99,15 @@ class Block(nn.Module):
         )(norm("norm2")(x), deterministic)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
         return x, cache
+
+    def _megatron(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        """The training path of tensor_impl='shard_map': the parameters created by the
+        layers above (at init), run by lmjax/parallel/tensor.py."""
+        c = self.config
+        spec = tensor.BlockSpec(c.norm, c.use_bias, c.mlp, c.position == "rope", c.dropout,
+                                c.attention, c.compute_dtype, c.sequence_parallel)
+        key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
+        return tensor.block(self.variables["params"], x, positions, key, spec)
 
 
 class GPT(nn.Module):

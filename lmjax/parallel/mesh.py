@@ -31,12 +31,28 @@ class MeshConfig:
     tensor: int = 1
     rules: str = "fsdp_tensor"
     cpu_devices: int | None = None
+    # How a GPT's blocks split over `tensor` in training: "auto" (XLA, from the rules)
+    # or "shard_map" (Megatron's collectives written out, lmjax/parallel/tensor.py);
+    # `sequence_parallel` also splits norms, dropout and residuals over the sequence.
+    tensor_impl: str = "auto"
+    sequence_parallel: bool = False
 
     def build(self) -> tuple[Mesh, Rules]:
         if self.cpu_devices is not None and _DEVICE_COUNT_FLAG not in os.environ.get(
                 "XLA_FLAGS", ""):
             jax.config.update("jax_num_cpu_devices", self.cpu_devices)
         return make_mesh(self.data, self.fsdp, self.tensor), RULES.get(self.rules)
+
+    def configure(self, model):
+        """`model` (a model config) with this mesh's tensor-parallel implementation."""
+        if model is None or (self.tensor_impl == "auto" and not self.sequence_parallel):
+            return model
+        if not hasattr(model, "tensor_impl"):
+            raise ValueError(f"mesh.tensor_impl={self.tensor_impl!r} / mesh.sequence_parallel "
+                             f"apply to GPTConfig models, not {type(model).__name__}; use "
+                             "mesh.tensor_impl='auto' (XLA shards it from the logical axes)")
+        return dataclasses.replace(model, tensor_impl=self.tensor_impl,
+                                   sequence_parallel=self.sequence_parallel)
 
 
 def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:

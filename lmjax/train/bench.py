@@ -44,6 +44,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from lmjax.models import GPTConfig
+from lmjax.parallel.collectives import format_report, step_report
 from lmjax.parallel.mesh import batch_parallelism, to_global
 from lmjax.train import trainer
 from lmjax.train.config import TrainConfig
@@ -59,23 +60,28 @@ PEAK_DTYPES = ("float32", "bfloat16")
 
 
 def benchmark(*, task: Task, config: TrainConfig, mesh: Mesh, rules, steps: int,
-              name: str = "") -> dict:
-    """Times `steps` training steps after a warm-up; prints and returns the figures."""
+              name: str = "", collectives: bool = False) -> dict:
+    """Times `steps` training steps after a warm-up; prints and returns the figures.
+
+    With `collectives`, also counts the step's collectives by kind and mesh axes, in the
+    lowered module and in the optimised HLO (lmjax/parallel/collectives.py)."""
     if steps <= 0:
         raise ValueError(f"--bench_steps must be positive, got {steps}")
     config.validate(batch_parallelism(mesh))
     setup = trainer.build(task, config, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        timing = _time_steps(setup, config, mesh, rules, steps)
+        timing = _time_steps(setup, config, mesh, rules, steps, collectives)
     items = task.items_per_step(config.batch_size)
     result = _figures(timing, setup.abstract.params, task.config, config, mesh, name, items)
+    if collectives:
+        result["collectives"] = timing["collectives"]
     if jax.process_index() == 0:
         _print(result)
     return result
 
 
 def _time_steps(setup: trainer.Setup, config: TrainConfig, mesh: Mesh, rules,
-                steps: int) -> dict:
+                steps: int, collectives: bool = False) -> dict:
     """Compiles, warms up, then times each step to completion; returns raw timings."""
     state = create_state(setup.task, setup.tx, config.batch_size, config.seed, mesh, rules)
     batches = setup.task.train_iterator(config.batch_size, config.seed)
@@ -85,9 +91,11 @@ def _time_steps(setup: trainer.Setup, config: TrainConfig, mesh: Mesh, rules,
 
     batch = next_batch()
     start, start_cpu = time.perf_counter(), time.process_time()
-    compiled = setup.step_fn.lower(state, batch).compile()
+    lowered = setup.step_fn.lower(state, batch)
+    compiled = lowered.compile()
     # CPU time too: on a shared machine it varies far less than the wall time.
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    counted = step_report(lowered, compiled, mesh) if collectives else None
     for _ in range(1 + WARMUP_STEPS):
         state, metrics = jax.block_until_ready(compiled(state, next_batch()))
     times = []
@@ -99,7 +107,7 @@ def _time_steps(setup: trainer.Setup, config: TrainConfig, mesh: Mesh, rules,
     return {"times": times, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
             "loss": float(metrics["loss"]),
             "compiled_memory": _compiled_memory(compiled),
-            "xla_flops": _xla_flops(compiled)}
+            "xla_flops": _xla_flops(compiled), "collectives": counted}
 
 
 def _compiled_memory(compiled) -> dict:
@@ -239,7 +247,7 @@ def _figures(timing: dict, params, model_config, config: TrainConfig, mesh: Mesh
 
 def _model_fields(model_config) -> dict:
     keys = ("num_layers", "num_heads", "embed_dim", "block_size", "scan_layers", "remat",
-            "attention")
+            "attention", "tensor_impl", "sequence_parallel")
     fields = {k: getattr(model_config, k) for k in keys if hasattr(model_config, k)}
     if hasattr(model_config, "padded_vocab"):
         fields["padded_vocab"] = model_config.padded_vocab
@@ -273,5 +281,8 @@ def _print(r: dict) -> None:
     if "total_bytes" in compiled:
         lines.append(f"compiled    {compiled['total_bytes'] / mib:.1f} MiB temp + argument + "
                      f"output ({compiled['temp_bytes'] / mib:.1f} MiB temp)")
+    if "collectives" in r:
+        lines.append(format_report(r["collectives"], m.get("num_layers"),
+                                   bool(m.get("scan_layers"))))
     print("\n".join(lines))
     print("bench: " + json.dumps(r, sort_keys=True), flush=True)
