@@ -46,7 +46,7 @@ def test_bench_tiny(offline_data, clean_gin, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the gin files include each other by repo-relative paths
     workdir = tmp_path / "run"
     result = main.run(["bench", f"--workdir={workdir}", f"--gin_file={TINY}",
-                       "--bench_steps=3"])
+                       "--bench_steps=3", "--collectives"])
     model = {name: gin.query_parameter(f"GPTConfig.{name}")
              for name in ("num_layers", "num_heads", "embed_dim", "block_size")}
     assert gin.query_parameter("train.batch_size") == result["batch_size"] == 8
@@ -66,6 +66,11 @@ def test_bench_tiny(offline_data, clean_gin, tmp_path, capsys, monkeypatch):
 
     written = [p.relative_to(workdir) for p in workdir.rglob("*")] if workdir.exists() else []
     assert not [p for p in written if "checkpoint" in str(p)], written
+
+    # Data parallel over 8 devices: XLA reduces the gradients over `data`; the code asks
+    # for no collective itself.
+    assert result["collectives"]["lowered"] == {}
+    assert result["collectives"]["optimised"]["all_reduce over data"]["count"] >= 1
 
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench: ")]
     assert len(lines) == 1

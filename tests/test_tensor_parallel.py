@@ -1,4 +1,4 @@
-"""Megatron tensor parallelism in shard_map (lmjax/parallel/tensor.py): the same losses
+"""Megatron tensor parallelism in shard_map (lmjax/models/megatron.py): the same losses
 and gradients as one device, with and without sequence parallelism; dropout masks that
 do not depend on the mesh; exactly Megatron's collectives in the lowered step."""
 

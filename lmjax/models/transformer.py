@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lmjax.models import layers
+from lmjax.models import layers, megatron
 from lmjax.models.registry import MODELS
-from lmjax.parallel import tensor
 
 
 @MODELS.register("GPTConfig")
@@ -41,7 +40,7 @@ class GPTConfig(layers.DerivedSizes):
     vocab_multiple: int = 64
     # How the blocks split over the mesh's `tensor` axis while training: "auto" (XLA
     # partitions by the logical axis names) or "shard_map" (Megatron's collectives
-    # written out, lmjax/parallel/tensor.py), optionally with sequence parallelism.
+    # written out, lmjax/models/megatron.py), optionally with sequence parallelism.
     # Set from `mesh.tensor_impl` / `mesh.sequence_parallel` by MeshConfig.configure.
     tensor_impl: str = "auto"
     sequence_parallel: bool = False
@@ -61,9 +60,9 @@ class GPTConfig(layers.DerivedSizes):
                              f"{', '.join(layers.ATTENTION_CHOICES)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} is outside [0, 1)")
-        if self.tensor_impl not in tensor.IMPLS:
+        if self.tensor_impl not in megatron.IMPLS:
             raise ValueError(f"unknown tensor_impl {self.tensor_impl!r}; use one of "
-                             f"{', '.join(tensor.IMPLS)}")
+                             f"{', '.join(megatron.IMPLS)}")
         if self.sequence_parallel and self.tensor_impl != "shard_map":
             raise ValueError("sequence_parallel needs tensor_impl='shard_map' (set "
                              "mesh.tensor_impl = 'shard_map')")
@@ -102,12 +101,12 @@ class Block(nn.Module):
 
     def _megatron(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
         """The training path of tensor_impl='shard_map': the parameters created by the
-        layers above (at init), run by lmjax/parallel/tensor.py."""
+        layers above (at init), run by lmjax/models/megatron.py."""
         c = self.config
-        spec = tensor.BlockSpec(c.norm, c.use_bias, c.mlp, c.position == "rope", c.dropout,
+        spec = megatron.BlockSpec(c.norm, c.use_bias, c.mlp, c.position == "rope", c.dropout,
                                 c.attention, c.compute_dtype, c.sequence_parallel)
         key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
-        return tensor.block(self.variables["params"], x, positions, key, spec)
+        return megatron.block(self.variables["params"], x, positions, key, spec)
 
 
 class GPT(nn.Module):

@@ -32,7 +32,7 @@ class MeshConfig:
     rules: str = "fsdp_tensor"
     cpu_devices: int | None = None
     # How a GPT's blocks split over `tensor` in training: "auto" (XLA, from the rules)
-    # or "shard_map" (Megatron's collectives written out, lmjax/parallel/tensor.py);
+    # or "shard_map" (Megatron's collectives written out, lmjax/models/megatron.py);
     # `sequence_parallel` also splits norms, dropout and residuals over the sequence.
     tensor_impl: str = "auto"
     sequence_parallel: bool = False
