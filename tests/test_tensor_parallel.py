@@ -27,7 +27,7 @@ TRAIN = TrainConfig(num_steps=20, batch_size=8, warmup_steps=5)
 RULES_NAME = "fsdp_tensor"
 
 
-def megatron(model=MODEL, sequence_parallel=False, **changes) -> GPTConfig:
+def megatron(model=MODEL, sequence_parallel=False, **changes):
     return dataclasses.replace(model, tensor_impl="shard_map",
                                sequence_parallel=sequence_parallel, **changes)
 
@@ -209,3 +209,24 @@ def test_bad_settings_are_refused():
 def test_hlo_replica_groups_are_read_in_every_form(line, groups):
     mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
     assert collectives._hlo_groups(line, "all_reduce", mesh) == groups
+
+
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.1, marks=SLOW)],
+                         ids=["no-dropout", "dropout"])
+def test_bert_encoder_block_equals_one_device(dropout):
+    """BERT's post-norm, bidirectional block with padding runs the same shard_map code:
+    sharded with sequence parallelism it trains like one device (the automatic path
+    without dropout, the shard_map path with it)."""
+    import test_bert_sharding as bert
+
+    model = dataclasses.replace(bert.MODEL, num_layers=2, dropout=dropout,
+                                attention_dropout=dropout)
+    data = bert._classify_data()
+
+    def bert_losses(config, mesh):
+        task = bert.bert_tasks.BertFinetuneTask(config, data, None)
+        return [m["loss"] for m in run_steps(task, mesh, bert.TRAIN, 3)[0]]
+
+    split = dataclasses.replace(model, tensor_impl="shard_map", sequence_parallel=True)
+    want = bert_losses(model if dropout == 0 else megatron(split, False), one_device())
+    np.testing.assert_allclose(bert_losses(split, make_mesh(2, 1, 4)), want, rtol=1e-5)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lmjax.models import layers
+from lmjax.models import layers, megatron
 from lmjax.models.registry import MODELS
 
 # name -> (layers, hidden); heads = hidden / 64 as in Turc et al.
@@ -49,6 +49,9 @@ class BertConfig(layers.DerivedSizes):
     # As in GPTConfig: blocks under nn.scan, parameters stacked under `bert/blocks/`.
     scan_layers: bool = False
     attention: str = "auto"  # or "xla", "cudnn", "reference": see layers.resolve_attention
+    # As in GPTConfig: set from mesh.tensor_impl / mesh.sequence_parallel while training.
+    tensor_impl: str = "auto"
+    sequence_parallel: bool = False
 
     def module(self) -> nn.Module:
         return BertClassifier(self)
@@ -74,6 +77,7 @@ class BertConfig(layers.DerivedSizes):
         if not (0 <= self.dropout < 1 and 0 <= self.attention_dropout < 1):
             raise ValueError(f"dropout={self.dropout} and attention_dropout="
                              f"{self.attention_dropout} must lie in [0, 1)")
+        megatron.check_options(self.tensor_impl, self.sequence_parallel)
 
 
 def _layer_norm(c: BertConfig, name: str) -> nn.LayerNorm:
@@ -120,12 +124,26 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array,
                  deterministic: bool) -> tuple[jax.Array, None]:
         c = self.config
+        if c.tensor_impl == "shard_map" and not self.is_initializing():
+            return self._megatron(x, mask, deterministic), None
         x = _layer_norm(c, "norm1")(x + SelfAttention(c, name="attn")(x, mask, deterministic))
         h = _dense(c, (c.mlp_ratio * c.embed_dim,), ("embed", "mlp"), "up")(x)
         h = layers.constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
         h = _dense(c, (c.embed_dim,), ("mlp", "embed"), "down")(h)
         x = _layer_norm(c, "norm2")(x + nn.Dropout(c.dropout)(h, deterministic=deterministic))
         return layers.constrain(x, ("batch", "length", "act_embed")), None
+
+    def _megatron(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        """tensor_impl='shard_map': the parameters created above (at init), run by
+        lmjax/models/megatron.py as a post-norm, bidirectional block."""
+        c = self.config
+        spec = megatron.BlockSpec(
+            "layernorm", True, "gelu", False, c.dropout, c.attention_dropout, c.attention,
+            c.compute_dtype, c.sequence_parallel, causal=False, post_norm=True,
+            norm_eps=c.layer_norm_eps)
+        dropout = max(c.dropout, c.attention_dropout) > 0 and not deterministic
+        key = self.make_rng("dropout") if dropout else None
+        return megatron.block(self.variables["params"], x, key, spec, mask=mask)
 
 
 class BertEncoder(nn.Module):

@@ -3,13 +3,20 @@ optional sequence parallelism (Korthikanti et al. 2022).
 
 The automatic path (`mesh.tensor_impl = 'auto'`) shards the same parameters by their
 logical axis names and lets XLA's partitioner choose the collectives. This path runs a
-GPT block manually over the `tensor` mesh axis (the batch axes stay automatic): the QKV
+Transformer block (the GPT's pre-norm causal one, or BERT's post-norm bidirectional one
+with its padding mask) manually over the `tensor` mesh axis and the batch axes: the QKV
 and MLP-in projections are column-parallel (each device holds its heads and its slice
 of the hidden units), the attention-out and MLP-out projections row-parallel, and
 their partial sums meet in one `psum` per sublayer. The backward pass gets the other
 two all-reduces from autodiff: the input of a column-parallel projection is replicated
 over `tensor`, so its cotangent is summed over the axis. Two all-reduces per layer
 forward, four with the backward pass; `lmjax bench --collectives` counts them.
+
+The batch axes are manual too, because XLA's partitioner (jax 0.10, CPU) gathered the
+whole batch over `data` around an all-gather or reduce-scatter in a region manual over
+`tensor` alone. So the data-parallel gradient psums of the block's parameters are
+written here as well (autodiff inserts them); fsdp-sharded parameters are gathered at
+the region's edge by the partitioner, as FSDP does before a layer.
 
 With `sequence_parallel`, the residual stream between blocks is split over the
 sequence on the `tensor` axis: LayerNorms, dropout and residual adds run on 1/t of the
@@ -18,10 +25,10 @@ sublayer and a reduce-scatter replaces its all-reduce (the same bytes over the w
 t times less activation memory outside attention and the MLP).
 
 Parameters, their names and shapes are those of the automatic path, so checkpoints
-move freely between the two. Dropout draws the same masks whatever the tensor degree:
-attention probabilities per head (the key folded with the global head index) and the
-residual branches over the whole (batch, length, embed) shape, sliced where the
-sequence is split.
+move freely between the two. Dropout draws the same masks on any mesh: attention
+probabilities per row and head (the key folded with the global row and head indices),
+residual branches per row over the whole (length, embed), sliced where the sequence is
+split. They differ from the automatic path's masks (drawn from whole arrays' shapes).
 """
 
 import dataclasses
@@ -48,14 +55,32 @@ _ROW_KERNEL = {"out": P(AXIS, None, None), "down": P(AXIS, None)}
 class BlockSpec:
     """What one block needs besides its parameters (plain values, no Flax modules)."""
 
-    norm: str
+    norm: str  # "layernorm" or "rmsnorm"
     use_bias: bool
-    mlp: str
+    mlp: str  # "gelu" or "swiglu"
     rope: bool
-    dropout: float
-    attention: str
+    dropout: float  # of the residual branches
+    attention_dropout: float  # of the attention probabilities
+    attention: str  # implementation, layers.resolve_attention
     dtype: jnp.dtype
     sequence_parallel: bool
+    causal: bool = True  # GPT; BERT attends both ways
+    post_norm: bool = False  # BERT: x = norm(x + sublayer(x)); GPT: x + sublayer(norm(x))
+    norm_eps: float = 1e-5
+
+
+def check_options(tensor_impl: str, sequence_parallel: bool) -> None:
+    """Raises ValueError for a model config's tensor_impl / sequence_parallel pair."""
+    if tensor_impl not in IMPLS:
+        raise ValueError(f"unknown tensor_impl {tensor_impl!r}; use one of {', '.join(IMPLS)}")
+    if sequence_parallel and tensor_impl != "shard_map":
+        raise ValueError("sequence_parallel needs tensor_impl='shard_map' (set "
+                         "mesh.tensor_impl = 'shard_map')")
+
+
+def _mlp_params(params: dict) -> dict:
+    """The MLP's projections: under `mlp` in a GPT block, beside the attention in BERT's."""
+    return params["mlp"] if "mlp" in params else params
 
 
 def check_split(params: dict, x: jax.Array, spec: BlockSpec) -> None:
@@ -63,7 +88,7 @@ def check_split(params: dict, x: jax.Array, spec: BlockSpec) -> None:
     not split evenly over the active mesh's `tensor` axis."""
     t = jax.sharding.get_abstract_mesh().shape[AXIS]
     heads = params["attn"]["qkv"]["kernel"].shape[2]
-    hidden = params["mlp"]["up"]["kernel"].shape[1]
+    hidden = _mlp_params(params)["up"]["kernel"].shape[1]
     if heads % t or hidden % t:
         raise ValueError(
             f"tensor_impl='shard_map' splits {heads} heads and {hidden} MLP units over "
@@ -90,39 +115,54 @@ def param_specs(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def block(params: dict, x: jax.Array, positions: jax.Array, key: jax.Array | None,
-          spec: BlockSpec) -> jax.Array:
-    """One pre-norm GPT block over the mesh's `tensor` axis (under an active mesh).
+def block(params: dict, x: jax.Array, key: jax.Array | None, spec: BlockSpec, *,
+          positions: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """One Transformer block over the mesh's `tensor` axis (under an active mesh).
 
     x: (batch, length, embed), whole (or split over the sequence with
     `sequence_parallel`, as the previous block left it); returns the same layout.
-    `key` draws the dropout masks (None: no dropout).
+    `key` draws the dropout masks (None: no dropout); `positions` (batch, length) rotate
+    queries and keys with `spec.rope`; `mask` (batch, 1, 1, keys) hides padding keys.
     """
     check_split(params, x, spec)
     stream = P(BATCH_AXES, AXIS if spec.sequence_parallel else None, None)
-    specs = (param_specs(params), stream, P(BATCH_AXES))
-    manual = {*BATCH_AXES, AXIS}
-    if key is None:
-        body = lambda p, h, pos: _block_body(p, h, pos, None, spec)  # noqa: E731
-        return jax.shard_map(body, in_specs=specs, out_specs=stream,
-                             axis_names=manual)(params, x, positions)
-    body = lambda p, h, pos, k: _block_body(p, h, pos, k, spec)  # noqa: E731
-    return jax.shard_map(body, in_specs=(*specs, P()), out_specs=stream,
-                         axis_names=manual)(params, x, positions, key)
+    inputs = {"x": x, "positions": positions, "mask": mask, "key": key}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    specs = {k: stream if k == "x" else P() if k == "key" else P(BATCH_AXES) for k in inputs}
+    body = jax.shard_map(lambda p, i: _block_body(p, i, spec),
+                         in_specs=(param_specs(params), specs), out_specs=stream,
+                         axis_names={*BATCH_AXES, AXIS})
+    return body(params, inputs)
 
 
-def _block_body(params, x, positions, key, spec: BlockSpec):
+def _block_body(params: dict, inputs: dict, spec: BlockSpec) -> jax.Array:
     """Per device: x (batch, length or length/t, embed) -> same shape."""
+    x, key = inputs["x"], inputs.get("key")
     keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
-    h = _gather(_norm(params["norm1"], x, spec, "norm1"), spec)
-    x = x + _residual_dropout(_attention(params["attn"], h, positions, keys[0], spec),
-                              keys[1], spec)
-    h = _gather(_norm(params["norm2"], x, spec, "norm2"), spec)
-    return x + _residual_dropout(_mlp(params["mlp"], h, spec), keys[2], spec)
+
+    def attend(h):
+        return _residual_dropout(_attention(params["attn"], h, inputs, keys[0], spec),
+                                 keys[1], spec)
+
+    def mlp(h):
+        return _residual_dropout(_mlp(_mlp_params(params), h, spec), keys[2], spec)
+
+    if spec.post_norm:
+        x = _norm(params["norm1"], x + attend(_gather(x, spec)), spec)
+        return _norm(params["norm2"], x + mlp(_gather(x, spec)), spec)
+    x = x + attend(_gather(_norm(params["norm1"], x, spec), spec))
+    return x + mlp(_gather(_norm(params["norm2"], x, spec), spec))
 
 
-def _norm(params, x, spec: BlockSpec, name: str):
-    return layers.norm(spec.norm, spec.use_bias, spec.dtype, name).apply({"params": params}, x)
+def _norm(params, x, spec: BlockSpec):
+    """The block's LayerNorm or RMSNorm, unbound (`parent=None`): inside a module's call,
+    a new module would otherwise become that module's child."""
+    if spec.norm == "rmsnorm":
+        module = nn.RMSNorm(epsilon=spec.norm_eps, dtype=spec.dtype, parent=None)
+    else:
+        module = nn.LayerNorm(epsilon=spec.norm_eps, use_bias=spec.use_bias, dtype=spec.dtype,
+                              parent=None)
+    return module.apply({"params": params}, x)
 
 
 def _gather(h, spec: BlockSpec):
@@ -150,18 +190,20 @@ def _column(params, x, dtype):
     return y + params["bias"].astype(dtype) if "bias" in params else y
 
 
-def _attention(params, h, positions, key, spec: BlockSpec):
+def _attention(params, h, inputs: dict, key, spec: BlockSpec):
     """h (batch, length, embed) -> partial output of this device's heads, reduced."""
     qkv = _column(params["qkv"], h, spec.dtype)  # (batch, length, 3, local heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if spec.rope:
-        q, k = layers.rotary(q, positions), layers.rotary(k, positions)
-    if key is None:
-        y = layers.dot_product_attention(q, k, v, causal=True, implementation=spec.attention)
+        q, k = layers.rotary(q, inputs["positions"]), layers.rotary(k, inputs["positions"])
+    mask, rate = inputs.get("mask"), spec.attention_dropout
+    if key is None or rate == 0:
+        y = layers.dot_product_attention(q, k, v, mask=mask, causal=spec.causal,
+                                         implementation=spec.attention)
     else:
-        keep = _head_masks(key, spec.dropout, q.shape)
-        y = layers.reference_attention(q, k, v, causal=True, dropout_rate=spec.dropout,
-                                       dropout_keep=keep)
+        keep = _head_masks(key, rate, q.shape)
+        y = layers.reference_attention(q, k, v, mask=mask, causal=spec.causal,
+                                       dropout_rate=rate, dropout_keep=keep)
     out = params["out"]
     return _reduce(_matmul(y, out["kernel"], 2, spec.dtype), out.get("bias"), spec)
 
@@ -198,7 +240,7 @@ def _mlp(params, h, spec: BlockSpec):
 def _residual_dropout(y, key, spec: BlockSpec):
     """Dropout of a residual branch: row r's mask (length, embed) from fold_in(key, r),
     sliced to this device's positions under sequence parallelism."""
-    if key is None:
+    if key is None or spec.dropout == 0:
         return y
     batch, length, embed = y.shape
     t = jax.lax.axis_size(AXIS) if spec.sequence_parallel else 1

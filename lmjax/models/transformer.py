@@ -60,12 +60,7 @@ class GPTConfig(layers.DerivedSizes):
                              f"{', '.join(layers.ATTENTION_CHOICES)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} is outside [0, 1)")
-        if self.tensor_impl not in megatron.IMPLS:
-            raise ValueError(f"unknown tensor_impl {self.tensor_impl!r}; use one of "
-                             f"{', '.join(megatron.IMPLS)}")
-        if self.sequence_parallel and self.tensor_impl != "shard_map":
-            raise ValueError("sequence_parallel needs tensor_impl='shard_map' (set "
-                             "mesh.tensor_impl = 'shard_map')")
+        megatron.check_options(self.tensor_impl, self.sequence_parallel)
 
 
 class Block(nn.Module):
@@ -104,9 +99,9 @@ class Block(nn.Module):
         layers above (at init), run by lmjax/models/megatron.py."""
         c = self.config
         spec = megatron.BlockSpec(c.norm, c.use_bias, c.mlp, c.position == "rope", c.dropout,
-                                c.attention, c.compute_dtype, c.sequence_parallel)
+                                  c.dropout, c.attention, c.compute_dtype, c.sequence_parallel)
         key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
-        return megatron.block(self.variables["params"], x, positions, key, spec)
+        return megatron.block(self.variables["params"], x, key, spec, positions=positions)
 
 
 class GPT(nn.Module):
