@@ -165,25 +165,31 @@ class GPT(nn.Module):
         """The stacked blocks through lmjax/parallel/pipeline.py (training and eval).
 
         The scanned `blocks` parameters are read as they are stored (layers leading) and
-        each layer runs as an unbound `Block`: pipeline.run is a plain function of arrays,
-        which a shard_map over `stage` needs, and the parameter tree stays the scanned one.
+        each layer runs as an unbound `Block` (`block_layer`): pipeline.run is a plain
+        function of arrays, which a shard_map over `stage` needs, and the parameter tree
+        stays the scanned one, so checkpoints do not care whether a run pipelines.
         """
         c = self.config
         if not c.scan_layers:
             raise ValueError("pipelining (mesh.stage > 1 or train.pipeline_microbatches > "
                              "1) runs the stacked layers: set GPTConfig.scan_layers = True")
         key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
-
-        def layer(params, h, pos, layer_key):
-            rngs = None if layer_key is None else {"dropout": layer_key}
-            block = Block(c, parent=None)
-            return block.apply({"params": params}, h, None, pos, deterministic, rngs=rngs)[0]
-
-        if c.remat:  # inside the schedule's scans, CSE cannot merge the recomputation anyway
-            layer = jax.checkpoint(layer, prevent_cse=False)
-        return pipeline.run(layer, self.variables["params"]["blocks"], x, positions, key,
-                            stages=pipeline.stage_count(),
+        return pipeline.run(block_layer(c, deterministic), self.variables["params"]["blocks"],
+                            x, positions, key, stages=pipeline.stage_count(),
                             microbatches=pipeline.current_microbatches())
+
+
+def block_layer(config: GPTConfig, deterministic: bool) -> pipeline.Layer:
+    """One `Block` as a pure function (params of one layer, x, positions, dropout key or
+    None) -> x, the layer `pipeline.run` applies; rematerialised with `config.remat`."""
+
+    def layer(params, x, positions, key):
+        rngs = None if key is None else {"dropout": key}
+        block = Block(config, parent=None)  # unbound: not a submodule of the caller
+        return block.apply({"params": params}, x, None, positions, deterministic, rngs=rngs)[0]
+
+    # Inside the schedule's scans, CSE cannot merge the recomputation anyway.
+    return jax.checkpoint(layer, prevent_cse=False) if config.remat else layer
 
 
 def init_cache(config: GPTConfig, batch: int, max_length: int | None = None,

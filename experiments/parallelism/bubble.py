@@ -1,0 +1,167 @@
+"""The GPipe schedule's bubble, measured, next to the theoretical (p - 1) / (m + p - 1).
+
+    python experiments/parallelism/bubble.py            # p = 2 and 4, writes bubble.json/.md
+    python experiments/parallelism/bubble.py --stages 4 --microbatches 4 8 16 32
+
+Method. One forward and backward pass of the pipelined GPT layer stack
+(`lmjax.parallel.pipeline.run` over `transformer.block_layer`) is timed for several
+microbatch counts m at a fixed stage count p and a fixed microbatch size, so that every
+tick of the schedule does the same work. Its time is then T(m) = (m + p - 1) * t_tick +
+c: a least-squares fit gives the steady-state cost of one tick, t_tick, and the fixed
+cost c (splitting the batch, the final psum, the call). Of the measured T(m), the
+stages sit in the bubble for (p - 1) * t_tick, so the measured bubble is
+(p - 1) * t_tick / T(m); it falls short of theory by the share of c in T(m), and the
+fit's residuals show whether a tick really costs the same at every m.
+
+What it means on the 2-core CPU: the p stages are emulated CPU devices sharing two
+cores, and in an SPMD schedule every stage computes at every tick (idle stages compute
+on stale values that are thrown away). So a bubble tick costs wall time here exactly as
+it would on p real accelerators, but the p stages' work is serialised over two cores
+rather than run side by side: t_tick is the time of all p stages' work for one tick, and
+the absolute times say nothing about an accelerator's. The fractions are what carries
+over. `rows(...)` is importable (the scaling study merges these rows into its table).
+"""
+
+import os
+
+if __name__ == "__main__":  # emulated devices must be set before jax starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from lmjax.models import GPT, GPTConfig
+from lmjax.models.transformer import block_layer
+from lmjax.parallel import RULES, make_mesh, pipeline
+
+HERE = Path(__file__).resolve().parent
+# 8 layers (2 per stage at p = 4), 128 wide: a tick is milliseconds of matmuls on the CPU,
+# well above the per-tick loop overhead.
+MODEL = GPTConfig(vocab_size=65, block_size=64, num_layers=8, num_heads=4, embed_dim=128,
+                  scan_layers=True)
+ROWS = 4  # per microbatch: the batch is ROWS * m
+
+
+def _stack_params(config: GPTConfig):
+    """The scanned GPT's `blocks` parameters, (num_layers, ...) leaves."""
+    tokens = jnp.zeros((1, config.block_size), jnp.int32)
+    params = jax.jit(lambda: nn.unbox(GPT(config).init(jax.random.key(0), tokens)["params"]))()
+    return params["blocks"]
+
+
+def pipeline_step(config: GPTConfig, stages: int, microbatches: int, rows: int):
+    """A compiled, warmed-up call running one forward + backward pass of the pipelined
+    layer stack (p = `stages` emulated devices, m = `microbatches` of `rows` rows) to
+    completion."""
+    if jax.device_count() < stages:
+        raise ValueError(f"{stages} stages need {stages} devices, found {jax.device_count()}; "
+                         "set XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:stages], stage=stages)
+    rules = RULES.get("fsdp_tensor")
+    layer = block_layer(config, deterministic=True)
+    shape = (microbatches * rows, config.block_size, config.embed_dim)
+    x = jax.random.normal(jax.random.key(1), shape)  # (batch, length, embed)
+    positions = jnp.broadcast_to(jnp.arange(config.block_size), shape[:2])
+
+    def loss(params, x):
+        out = pipeline.run(layer, params, x, positions, None, stages=stages,
+                           microbatches=microbatches)
+        return jnp.mean(out ** 2)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = _stack_params(config)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+        def call() -> None:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                jax.block_until_ready(step(params, x))
+
+        call()  # compile
+        call()  # warm up
+    return call
+
+
+def pipeline_seconds(calls: Sequence, repeats: int) -> list[float]:
+    """The fastest of `repeats` wall times of each call. The calls take turns, so a
+    neighbour's load on the shared cores falls on all of them alike; the minimum is the
+    run least disturbed by it."""
+    best = [float("inf")] * len(calls)
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def fit_tick(ticks: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
+    """Least squares of seconds = ticks * t_tick + fixed: (t_tick, fixed)."""
+    slope, intercept = np.polyfit(np.asarray(ticks, float), np.asarray(seconds, float), 1)
+    return float(slope), float(intercept)
+
+
+def rows(stages: int, microbatches: Sequence[int], *, config: GPTConfig = MODEL,
+         rows_per_microbatch: int = ROWS, repeats: int = 5) -> list[dict]:
+    """One record per microbatch count: times, the fit, measured and theoretical bubble."""
+    if len(microbatches) < 3:
+        raise ValueError("the fit needs at least 3 microbatch counts")
+    calls = [pipeline_step(config, stages, m, rows_per_microbatch) for m in microbatches]
+    seconds = pipeline_seconds(calls, repeats)
+    ticks = [pipeline.ticks(stages, m) for m in microbatches]
+    tick, fixed = fit_tick(ticks, seconds)
+    out = []
+    for m, n, t in zip(microbatches, ticks, seconds, strict=True):
+        measured, theory = (stages - 1) * tick / t, pipeline.bubble_fraction(stages, m)
+        out.append({
+            "stages": stages, "microbatches": m, "ticks": n, "seconds": t,
+            "fit_seconds": n * tick + fixed, "tick_seconds": tick, "fixed_seconds": fixed,
+            "bubble_measured": measured, "bubble_theory": theory,
+            "relative_error": measured / theory - 1,
+            "within_10pct": abs(measured / theory - 1) <= 0.10,
+            "m_at_least_4p": m >= 4 * stages,
+        })
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    head = ("| p | m | ticks | T(m) ms | fit ms | t_tick ms | c ms | bubble measured | "
+            "bubble theory (p-1)/(m+p-1) | measured/theory - 1 |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    lines = [
+        f"| {r['stages']} | {r['microbatches']} | {r['ticks']} | {1e3 * r['seconds']:.1f} | "
+        f"{1e3 * r['fit_seconds']:.1f} | {1e3 * r['tick_seconds']:.2f} | "
+        f"{1e3 * r['fixed_seconds']:.1f} | {r['bubble_measured']:.3f} | "
+        f"{r['bubble_theory']:.3f} | {100 * r['relative_error']:+.1f}% |"
+        for r in records]
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--microbatches", type=int, nargs="+", default=None,
+                        help="default: p, 2p, 4p, 8p for each stage count p")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(HERE / "bubble"), help="writes OUT.json, OUT.md")
+    args = parser.parse_args()
+    records = []
+    for p in args.stages:
+        counts = args.microbatches or [p, 2 * p, 4 * p, 8 * p]
+        records += rows(p, counts, repeats=args.repeats)
+        print(markdown([r for r in records if r["stages"] == p]), flush=True)
+    Path(args.out + ".json").write_text(json.dumps(records, indent=1) + "\n")
+    Path(args.out + ".md").write_text(markdown(records))
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()
