@@ -99,11 +99,9 @@ def _single():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("options,stage,micro", [
-    ({}, 4, 2),
-    pytest.param({}, 2, 4, marks=pytest.mark.slow),
-    pytest.param({"remat": True}, 2, 8, marks=pytest.mark.slow),
-], ids=["stage4-micro2", "stage2-micro4", "remat-stage2-micro8"])
+@pytest.mark.slow  # the fast losses tests above train on these gradients for 20 steps
+@pytest.mark.parametrize("options,stage,micro", [({}, 4, 2), ({}, 2, 4), ({"remat": True}, 2, 8)],
+                         ids=["stage4-micro2", "stage2-micro4", "remat-stage2-micro8"])
 def test_pipelined_gradients_equal_unpipelined(params, options, stage, micro):
     config = dataclasses.replace(TINY, **options)
     loss, grads = _loss_and_grads(config, _single(), 1)(params, _tokens())
