@@ -21,6 +21,7 @@ from lmjax.parallel import RULES, make_mesh, pipeline
 from lmjax.parallel.mesh import MeshConfig
 from lmjax.train import trainer
 from lmjax.train.config import TrainConfig
+from lmjax.train.state import create_state
 from lmjax.train.tasks import LMTask
 
 TINY = GPTConfig(vocab_size=65, num_layers=4, num_heads=4, embed_dim=32, block_size=16,
@@ -52,6 +53,32 @@ def test_pipelined_losses_equal_one_device(one_device, stage, data, fsdp, tensor
     np.testing.assert_allclose(losses, one_device, rtol=1e-5)
     qkv = state.params["blocks"]["attn"]["qkv"]["kernel"]  # (layers, embed, 3, heads, hd)
     assert qkv.sharding.spec[0] == "stage"  # each stage holds its own layers
+
+
+def _multi_step_losses(mesh, config: TrainConfig, calls: int) -> np.ndarray:
+    """Losses of `calls` x train.steps_per_call steps through the trainer's `steps_fn`."""
+    task = LMTask(TINY, load_lm_data("tiny_shakespeare"))
+    setup = trainer.build(task, config, mesh, RULES_)
+    batches = task.train_iterator(config.batch_size, 0)
+    losses = []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES_):
+        state = create_state(task, setup.tx, config.batch_size, 0, mesh, RULES_)
+        for _ in range(calls):
+            stacked = trainer.stack_batches([next(batches) for _ in range(config.steps_per_call)])
+            state, metrics = setup.steps_fn(state, stacked)
+            losses.append(np.asarray(metrics["loss"]))
+    return np.concatenate(losses)
+
+
+@pytest.mark.slow
+def test_pipeline_inside_gradient_accumulation_and_multi_step_calls():
+    """train.microbatches splits the batch before the pipeline splits each part again,
+    and train.steps_per_call scans the pipelined step: still the one-device losses."""
+    config = dataclasses.replace(TRAIN, microbatches=2, steps_per_call=4)
+    one = _multi_step_losses(make_mesh(1, 1, 1, devices=jax.devices()[:1]), config, 5)
+    piped = dataclasses.replace(config, pipeline_microbatches=2)
+    np.testing.assert_allclose(_multi_step_losses(make_mesh(4, stage=2), piped, 5), one,
+                               rtol=1e-5)
 
 
 def _tokens(shape=(16, 16)) -> np.ndarray:

@@ -132,18 +132,15 @@ def _schedule(layer: Layer, params, xs: jax.Array, ps: jax.Array, key: jax.Array
     # over stages once, after it, rather than with one psum per tick inside it.
     xs = _varying(xs, stages)
 
-    def tick(carry, t):
-        state, outputs = carry  # state: (rows, length, embed); outputs: like xs
-        index = jnp.clip(t - stage, 0, count - 1)  # this stage's microbatch (clipped in the bubble)
+    def tick(state, t):  # state: (rows, length, embed), what this stage works on
+        index = jnp.clip(t - stage, 0, count - 1)  # its microbatch (clipped in the bubble)
         state = jnp.where(stage == 0, xs[jnp.minimum(t, count - 1)], state)
         y = apply(state, ps[index], index)
-        done = t - last  # the microbatch leaving the last stage, if >= 0
-        slot = jnp.clip(done, 0, count - 1)
-        outputs = outputs.at[slot].set(jnp.where(done >= 0, y, outputs[slot]))
-        return (_send_forward(y, stages), outputs), None
+        return _send_forward(y, stages), y
 
-    state, outputs = jnp.zeros_like(xs[0]), jnp.zeros_like(xs)  # varying, like xs
-    (_, outputs), _ = jax.lax.scan(tick, (state, outputs), jnp.arange(count + last))
+    # ys: (ticks, rows, length, embed); microbatch i leaves the last stage at tick i + last.
+    _, ys = jax.lax.scan(tick, jnp.zeros_like(xs[0]), jnp.arange(count + last))
+    outputs = ys[last:]  # (microbatches, rows, length, embed)
     if stages == 1:
         return outputs
     # Only the last stage's outputs are real: zero the others' and add (exact, x + 0 = x).
