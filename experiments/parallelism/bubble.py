@@ -120,66 +120,74 @@ def rows(stages: int, microbatches: Sequence[int], *, config: GPTConfig = MODEL,
     seconds, cpu_seconds = pipeline_seconds(calls, repeats)
     ticks = [pipeline.ticks(stages, m) for m in microbatches]
     tick, fixed = fit_tick(ticks, seconds)
-    cpu_tick, _ = fit_tick(ticks, cpu_seconds)
+    cpu_tick, cpu_fixed = fit_tick(ticks, cpu_seconds)
     out = []
     for m, n, t, cpu in zip(microbatches, ticks, seconds, cpu_seconds, strict=True):
-        measured, theory = (stages - 1) * tick / t, pipeline.bubble_fraction(stages, m)
+        theory = pipeline.bubble_fraction(stages, m)
+        wall_bubble, cpu_bubble = (stages - 1) * tick / t, (stages - 1) * cpu_tick / cpu
         out.append({
-            "stages": stages, "microbatches": m, "ticks": n, "seconds": t,
-            "fit_seconds": n * tick + fixed, "tick_seconds": tick, "fixed_seconds": fixed,
-            "bubble_measured": measured, "bubble_theory": theory,
-            "relative_error": measured / theory - 1,
-            "within_10pct": abs(measured / theory - 1) <= 0.10,
+            "stages": stages, "microbatches": m, "ticks": n, "bubble_theory": theory,
             "m_at_least_4p": m >= 4 * stages,
-            "cpu_seconds": cpu, "bubble_measured_cpu_time": (stages - 1) * cpu_tick / cpu,
+            "seconds": t, "tick_seconds": tick, "fixed_seconds": fixed,
+            "bubble_measured": wall_bubble, "relative_error": wall_bubble / theory - 1,
+            "cpu_seconds": cpu, "cpu_tick_seconds": cpu_tick, "cpu_fixed_seconds": cpu_fixed,
+            "bubble_measured_cpu_time": cpu_bubble,
+            "relative_error_cpu_time": cpu_bubble / theory - 1,
         })
     return out
 
 
 def markdown(records: list[dict]) -> str:
-    head = ("| p | m | ticks | T(m) ms | T(m)/ticks ms | fit ms | t_tick ms | c ms | "
-            "bubble measured | bubble theory (p-1)/(m+p-1) | measured/theory - 1 | "
-            "bubble measured in CPU time |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    head = ("| p | m | ticks | bubble theory (p-1)/(m+p-1) | wall T(m) ms | wall T/ticks ms | "
+            "bubble, wall | vs theory | CPU T(m) ms | CPU T/ticks ms | bubble, CPU time | "
+            "vs theory |\n" + "| --- " * 12 + "|\n")
     lines = [
-        f"| {r['stages']} | {r['microbatches']} | {r['ticks']} | {1e3 * r['seconds']:.1f} | "
-        f"{1e3 * r['seconds'] / r['ticks']:.1f} | "
-        f"{1e3 * r['fit_seconds']:.1f} | {1e3 * r['tick_seconds']:.2f} | "
-        f"{1e3 * r['fixed_seconds']:.1f} | {r['bubble_measured']:.3f} | "
-        f"{r['bubble_theory']:.3f} | {100 * r['relative_error']:+.1f}% | "
-        f"{r['bubble_measured_cpu_time']:.3f} |"
+        f"| {r['stages']} | {r['microbatches']} | {r['ticks']} | {r['bubble_theory']:.3f} | "
+        f"{1e3 * r['seconds']:.0f} | {1e3 * r['seconds'] / r['ticks']:.1f} | "
+        f"{r['bubble_measured']:.3f} | {100 * r['relative_error']:+.1f}% | "
+        f"{1e3 * r['cpu_seconds']:.0f} | {1e3 * r['cpu_seconds'] / r['ticks']:.1f} | "
+        f"{r['bubble_measured_cpu_time']:.3f} | {100 * r['relative_error_cpu_time']:+.1f}% |"
         for r in records]
     return head + "\n".join(lines) + "\n"
 
 
+def _worst(records: list[dict], key: str) -> float:
+    return max((abs(r[key]) for r in records if r["m_at_least_4p"]), default=float("nan"))
+
+
 def report(records: list[dict], repeats: int) -> str:
     """bubble.md: what was measured, how, on what, and the table."""
-    close = [r for r in records if r["m_at_least_4p"]]
-    worst = max(abs(r["relative_error"]) for r in close) if close else float("nan")
+    fits = "; ".join(
+        f"p={p}: t_tick {1e3 * r['tick_seconds']:.1f} ms, c {1e3 * r['fixed_seconds']:.0f} ms "
+        f"(CPU time: {1e3 * r['cpu_tick_seconds']:.1f} ms, {1e3 * r['cpu_fixed_seconds']:.0f} ms)"
+        for p, r in {r["stages"]: r for r in records}.items())
     return f"""# Pipeline bubble of the GPipe schedule: measured and theoretical
 
-Command: `python experiments/parallelism/bubble.py` (about 5 minutes on the 2-core CPU),
-{jax.device_count()} emulated CPU devices (`{jax.devices()[0].device_kind}`), jax
-{jax.__version__}. Each time is the fastest of {repeats} forward + backward passes of
-the pipelined layer stack of a {MODEL.num_layers}-layer, {MODEL.embed_dim}-wide GPT
-(block {MODEL.block_size}, {ROWS} rows per microbatch, so the batch grows with m); the
-calls take turns so that other load on the shared cores falls on all of them alike.
+Command: `python experiments/parallelism/bubble.py` (5-10 minutes on the 2-core CPU),
+{jax.device_count()} emulated CPU devices, jax {jax.__version__}. Each time is the fastest
+of {repeats} forward + backward passes of the pipelined layer stack of a
+{MODEL.num_layers}-layer, {MODEL.embed_dim}-wide GPT (block {MODEL.block_size},
+{ROWS} rows per microbatch, so the batch grows with m and every tick does the same
+work); the calls for the different m take turns, so other load on the shared cores
+falls on all of them alike.
 
-T(m) is the measured time, fit = (m + p - 1) * t_tick + c by least squares over the
-m of one p, measured bubble = (p - 1) * t_tick / T(m): the share of the measured time
-the schedule's fill and drain ticks take. T(m)/ticks staying flat over m is the
-direct sign that a bubble tick costs as much as a useful one. The last column repeats
-the fit on the process's CPU time (all threads), which counts work rather than waiting
-for a core other jobs hold.
+Per p, a least-squares fit T(m) = (m + p - 1) * t_tick + c gives the cost of one tick
+({fits}), and the measured bubble is (p - 1) * t_tick / T(m): the share of the measured
+time that the schedule's fill and drain ticks take. A fixed cost c > 0 (the call, the
+split, the last psum) makes it fall short of theory; T(m)/ticks staying flat over m is
+the direct sign that a bubble tick costs as much as a useful one. The fit is done twice:
+on wall time, and on the process's CPU time (all threads), which counts the work done
+rather than the waiting for cores that other jobs hold.
 
-What this means on this machine: the p stages are emulated devices on two shared
-cores, and in the SPMD schedule every stage computes at every tick (an idle stage works
-on stale values that are thrown away). A bubble tick therefore costs wall time here as
-on p accelerators, but the stages' work is serialised over two cores instead of running
-side by side: t_tick is all p stages' work for one tick, the absolute times say nothing
-about an accelerator's, and only the fractions carry over. Timings on a shared
-2-core machine are noisy (a negative c is noise); the largest deviation from theory at
-m >= 4p here is {100 * worst:.1f}%.
+What this means on this machine: the p stages are emulated devices on two shared cores,
+and in the SPMD schedule every stage computes at every tick (an idle stage works on
+stale values that are thrown away). So a bubble tick costs time here as it would on p
+accelerators, but the stages' work is serialised over two cores instead of running side
+by side: t_tick is all p stages' work for one tick, the absolute times say nothing about
+an accelerator's, and only the fractions carry over. The machine was shared with other
+jobs while this ran, so wall times are noisy. Largest deviation from theory at m >= 4p:
+{100 * _worst(records, "relative_error"):.1f}% on wall time,
+{100 * _worst(records, "relative_error_cpu_time"):.1f}% on CPU time.
 
 {markdown(records)}"""
 
