@@ -116,7 +116,9 @@ def test_stack_layers_checks_the_layer_count():
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert"])
-def test_stacked_parameters_lead_with_an_unsharded_layers_axis(family):
+def test_stacked_parameters_lead_with_a_layers_axis_split_over_stages(family):
+    """The layers axis maps to the pipeline's `stage` axis, whole on every device of a
+    mesh with stage=1 (every mesh that does not pipeline)."""
     if family == "gpt":
         model = GPT(dataclasses.replace(GPT_CONFIG, scan_layers=True))
     else:
@@ -129,8 +131,7 @@ def test_stacked_parameters_lead_with_an_unsharded_layers_axis(family):
                            for leaf in stacked)
     for name in RULES.names():
         spec = nn.logical_to_mesh_axes(("layers", "embed", "mlp"), RULES.get(name))
-        assert spec[0] is None, (name, spec)
-        assert "layers" in dict(RULES.get(name)), name  # named, not merely unmatched
+        assert spec[0] == "stage", (name, spec)
 
 
 def test_scanned_model_drops_out_in_training_only():
@@ -158,7 +159,8 @@ def test_scanned_gpt_sharded_trains_as_on_one_device():
     many, state = train_losses(make_mesh(2, 2, 2), model, config, 3)
     np.testing.assert_allclose(many, one, rtol=1e-4)
     qkv = state.params["blocks"]["attn"]["qkv"]["kernel"]  # (layers, embed, 3, heads, hd)
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+    # The layers axis names `stage`, of size 1 here: whole on every device.
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", None, "tensor", None)
 
 
 @pytest.mark.parametrize("saved_scanned", [False, True], ids=["loop->scan", "scan->loop"])

@@ -78,7 +78,7 @@ class Dense(nn.Module):
 def scan_blocks(block: type[nn.Module], num_layers: int, in_axes: tuple) -> type[nn.Module]:
     """`block` (carry, *args) -> (carry, output) under nn.scan over `num_layers` layers.
 
-    Parameters get a leading axis named "layers" (the rule tables keep it unsharded);
+    Parameters get a leading axis named "layers" (the rule tables split it over `stage`);
     init and dropout rngs are split, so every layer draws its own weights and masks.
     `in_axes` says per argument after the carry: 0 scans it over its leading (layer)
     axis, nn.broadcast passes it whole to every layer.

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from lmjax.models import layers, megatron
 from lmjax.models.registry import MODELS
+from lmjax.parallel import pipeline
 
 
 @MODELS.register("GPTConfig")
@@ -155,6 +156,14 @@ class GPT(nn.Module):
 
     def _blocks(self, x, positions, deterministic, cache):
         c = self.config
+        if pipeline.active():
+            if cache is not None:
+                raise ValueError(
+                    "cached decoding runs unpipelined: decode on a mesh with stage=1 and "
+                    f"without pipeline microbatches (here stage={pipeline.stage_count()}, "
+                    f"microbatches={pipeline.current_microbatches()})")
+            if not self.is_initializing():  # init creates the stacked parameters below
+                return self._pipelined(x, positions, deterministic), None
         block = Block
         if c.remat and cache is None:  # decoding keeps no activations for backprop
             # Inside scan, CSE cannot merge the recomputation with the forward anyway.
@@ -169,6 +178,36 @@ class GPT(nn.Module):
                 x, None if cache is None else cache[i], positions, deterministic)
             new_cache.append(layer_cache)
         return x, None if cache is None else new_cache
+
+    def _pipelined(self, x, positions, deterministic):
+        """The stacked blocks through lmjax/parallel/pipeline.py (training and eval).
+
+        The scanned `blocks` parameters are read as they are stored (layers leading) and
+        each layer runs as an unbound `Block` (`block_layer`): pipeline.run is a plain
+        function of arrays, which a shard_map over `stage` needs, and the parameter tree
+        stays the scanned one, so checkpoints do not care whether a run pipelines.
+        """
+        c = self.config
+        if not c.scan_layers:
+            raise ValueError("pipelining (mesh.stage > 1 or train.pipeline_microbatches > "
+                             "1) runs the stacked layers: set GPTConfig.scan_layers = True")
+        key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
+        return pipeline.run(block_layer(c, deterministic), self.variables["params"]["blocks"],
+                            x, positions, key, stages=pipeline.stage_count(),
+                            microbatches=pipeline.current_microbatches())
+
+
+def block_layer(config: GPTConfig, deterministic: bool) -> pipeline.Layer:
+    """One `Block` as a pure function (params of one layer, x, positions, dropout key or
+    None) -> x, the layer `pipeline.run` applies; rematerialised with `config.remat`."""
+
+    def layer(params, x, positions, key):
+        rngs = None if key is None else {"dropout": key}
+        block = Block(config, parent=None)  # unbound: not a submodule of the caller
+        return block.apply({"params": params}, x, None, positions, deterministic, rngs=rngs)[0]
+
+    # Inside the schedule's scans, CSE cannot merge the recomputation anyway.
+    return jax.checkpoint(layer, prevent_cse=False) if config.remat else layer
 
 
 def init_cache(config: GPTConfig, batch: int, max_length: int | None = None,

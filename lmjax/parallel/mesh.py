@@ -1,4 +1,4 @@
-"""Device meshes with the axes `data`, `fsdp` and `tensor`."""
+"""Device meshes with the axes `stage`, `data`, `fsdp` and `tensor`."""
 
 import dataclasses
 import math
@@ -10,7 +10,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lmjax.parallel.rules import RULES, Rules
 
-AXES = ("data", "fsdp", "tensor")
+# `stage` (pipeline parallelism, lmjax/parallel/pipeline.py) is outermost: its traffic is
+# one activation per microbatch between neighbours, the lightest, so it takes the slowest
+# links; size 1 (the default) leaves every other mesh as it was.
+AXES = ("stage", "data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -29,6 +32,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    stage: int = 1  # pipeline stages (GPTConfig.scan_layers; train.pipeline_microbatches)
     rules: str = "fsdp_tensor"
     cpu_devices: int | None = None
     # How a GPT's blocks split over `tensor` in training: "auto" (XLA, from the rules)
@@ -41,7 +45,8 @@ class MeshConfig:
         if self.cpu_devices is not None and _DEVICE_COUNT_FLAG not in os.environ.get(
                 "XLA_FLAGS", ""):
             jax.config.update("jax_num_cpu_devices", self.cpu_devices)
-        return make_mesh(self.data, self.fsdp, self.tensor), RULES.get(self.rules)
+        mesh = make_mesh(self.data, self.fsdp, self.tensor, stage=self.stage)
+        return mesh, RULES.get(self.rules)
 
     def configure(self, model):
         """`model` (a model config) with this mesh's tensor-parallel implementation."""
@@ -75,10 +80,12 @@ def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> tuple[int, ..
     return tuple(resolved[name] for name in AXES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *,
+              stage: int = 1) -> Mesh:
     """A mesh over all (or the given) devices with Auto axes, as jit-with-shardings code expects."""
     devices = jax.devices() if devices is None else devices
-    shape = resolve_axis_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    sizes = {"stage": stage, "data": data, "fsdp": fsdp, "tensor": tensor}
+    shape = resolve_axis_sizes(sizes, len(devices))
     if len(devices) == jax.device_count():
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -16,9 +16,10 @@ from lmjax.registry import Registry
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 _BATCH = (("batch", ("data", "fsdp")),)
-# The stacked-layer axis of scanned blocks (scan_layers) stays whole on every device:
-# nn.scan slices one layer per iteration.
-_LAYERS = (("layers", None),)
+# The stacked-layer axis of scanned blocks (scan_layers) is split over pipeline stages:
+# each stage holds its consecutive layers (lmjax/parallel/pipeline.py). With stage=1 (the
+# default) it stays whole on every device, as nn.scan slices one layer per iteration.
+_LAYERS = (("layers", "stage"),)
 _FSDP = (("embed", "fsdp"),)
 _TENSOR = (
     ("heads", "tensor"),

@@ -44,6 +44,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from lmjax.models import GPTConfig
+from lmjax.parallel import pipeline
 from lmjax.parallel.collectives import format_report, step_report
 from lmjax.parallel.mesh import batch_parallelism, to_global
 from lmjax.train import trainer
@@ -67,7 +68,7 @@ def benchmark(*, task: Task, config: TrainConfig, mesh: Mesh, rules, steps: int,
     lowered module and in the optimised HLO (lmjax/parallel/collectives.py)."""
     if steps <= 0:
         raise ValueError(f"--bench_steps must be positive, got {steps}")
-    config.validate(batch_parallelism(mesh))
+    config.validate(batch_parallelism(mesh), pipeline.stage_count(mesh))
     setup = trainer.build(task, config, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         timing = _time_steps(setup, config, mesh, rules, steps, collectives)

@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Any
 
+from lmjax.models.transformer import GPTConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -19,6 +21,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     microbatches: int = 1
+    # Microbatches of the pipeline schedule over mesh.stage (lmjax/parallel/pipeline.py):
+    # each (train.microbatches) batch is split into this many inside the layer stack.
+    # More shrink the bubble, (stages - 1) / (pipeline_microbatches + stages - 1). Needs
+    # GPTConfig.scan_layers when above 1; 1 with mesh.stage = 1 is no pipeline.
+    pipeline_microbatches: int = 1
     # Optimiser steps per compiled call: a lax.scan over that many batches pays the
     # call's fixed host cost (dispatch, placing the batch, the wait) once for all of them.
     steps_per_call: int = 1
@@ -40,11 +47,13 @@ class TrainConfig:
             raise ValueError("train.model is not set; bind a model config, for example "
                              "train.model = @GPTConfig() (see configs/models/)")
 
-    def validate(self, parallelism: int) -> None:
-        """Raises ValueError naming the binding to change; parallelism = data * fsdp."""
+    def validate(self, parallelism: int, stages: int = 1) -> None:
+        """Raises ValueError naming the binding to change; parallelism = data * fsdp,
+        stages = mesh.stage."""
         self.check_model()
-        positive = ("num_steps", "batch_size", "microbatches", "steps_per_call", "log_every",
-                    "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints")
+        positive = ("num_steps", "batch_size", "microbatches", "pipeline_microbatches",
+                    "steps_per_call", "log_every", "eval_every", "checkpoint_every",
+                    "eval_batches", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -58,3 +67,27 @@ class TrainConfig:
                     f"a {what} of {rows} rows does not divide over data*fsdp={parallelism} "
                     "devices; change train.batch_size, train.microbatches, "
                     "train.eval_batch_size or the mesh")
+            if rows // parallelism % self.pipeline_microbatches:
+                raise ValueError(
+                    f"a {what} of {rows} rows has {rows // parallelism} per data*fsdp "
+                    f"replica, which do not split into train.pipeline_microbatches="
+                    f"{self.pipeline_microbatches}; change train.pipeline_microbatches, "
+                    "train.batch_size, train.microbatches or train.eval_batch_size")
+        self._check_pipeline(stages)
+
+    def _check_pipeline(self, stages: int) -> None:
+        if stages == 1 and self.pipeline_microbatches == 1:
+            return
+        model = self.model
+        if not isinstance(model, GPTConfig):
+            raise ValueError(f"pipelining (mesh.stage={stages}, train.pipeline_microbatches="
+                             f"{self.pipeline_microbatches}) is for the GPT, not "
+                             f"{type(model).__name__}; set mesh.stage = 1 and "
+                             "train.pipeline_microbatches = 1")
+        if not model.scan_layers:
+            raise ValueError(f"pipelining (mesh.stage={stages}, train.pipeline_microbatches="
+                             f"{self.pipeline_microbatches}) runs the stacked layers; set "
+                             "GPTConfig.scan_layers = True")
+        if model.num_layers % stages:
+            raise ValueError(f"mesh.stage={stages} does not divide GPTConfig.num_layers="
+                             f"{model.num_layers}; choose a stage count that divides it")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmjax.parallel import pipeline
 from lmjax.train.state import TrainState
 
 
@@ -63,11 +64,16 @@ def train_step(
     schedule: optax.Schedule,
     num_micro: int = 1,
     deterministic: bool = False,
+    pipeline_microbatches: int = 1,
 ) -> tuple[TrainState, dict]:
-    """One optimiser update; per-step randomness is fold_in(rng, step)."""
+    """One optimiser update; per-step randomness is fold_in(rng, step).
+
+    `pipeline_microbatches` splits each of the `num_micro` batches again inside a
+    pipelined model (lmjax/parallel/pipeline.py; the stage count is the mesh's)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, (extra, carry)), grads = _grads(task, state.params, batch, state.carry, rng,
-                                           num_micro, deterministic)
+    with pipeline.microbatches(pipeline_microbatches):
+        (loss, (extra, carry)), grads = _grads(task, state.params, batch, state.carry, rng,
+                                               num_micro, deterministic)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from lmjax.errors import RunError
+from lmjax.parallel import pipeline
 from lmjax.parallel.mesh import batch_parallelism, batch_sharding, stacked_sharding, to_global
 from lmjax.train import optim
 from lmjax.train.checkpoint import Checkpointer, as_abstract, best_params
@@ -50,9 +51,16 @@ def make_optimizer(config: TrainConfig):
     return tx, schedule
 
 
-def make_eval_fn(task: Task, param_shardings, data_sharding: NamedSharding):
-    """jit(task.eval_sums) with the parameters and the batch placed on the mesh."""
-    return jax.jit(task.eval_sums, in_shardings=(param_shardings, data_sharding, data_sharding))
+def make_eval_fn(task: Task, param_shardings, data_sharding: NamedSharding,
+                 pipeline_microbatches: int = 1):
+    """jit(task.eval_sums) with the parameters and the batch placed on the mesh; a
+    pipelined model splits the batch into `pipeline_microbatches`."""
+
+    def eval_sums(params, batch, carry):
+        with pipeline.microbatches(pipeline_microbatches):
+            return task.eval_sums(params, batch, carry)
+
+    return jax.jit(eval_sums, in_shardings=(param_shardings, data_sharding, data_sharding))
 
 
 def build(task: Task, config: TrainConfig, mesh: Mesh, rules) -> Setup:
@@ -61,13 +69,14 @@ def build(task: Task, config: TrainConfig, mesh: Mesh, rules) -> Setup:
     abstract, shardings = state_shardings(task, tx, config.batch_size, mesh, rules)
     data_sharding = batch_sharding(mesh)  # a prefix: every batch leaf splits its rows
     step = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
-                             num_micro=config.microbatches)
+                             num_micro=config.microbatches,
+                             pipeline_microbatches=config.pipeline_microbatches)
     step_fn = jax.jit(step, in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=0)
     steps_fn = jax.jit(functools.partial(jax.lax.scan, step),
                        in_shardings=(shardings, stacked_sharding(data_sharding)),
                        out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = make_eval_fn(task, shardings.params, data_sharding)
+    eval_fn = make_eval_fn(task, shardings.params, data_sharding, config.pipeline_microbatches)
     return Setup(task, tx, as_abstract(abstract, shardings), step_fn, steps_fn, eval_fn,
                  data_sharding)
 
@@ -141,7 +150,7 @@ def train(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str,
     anything is written, so callers can record the config without overwriting a workdir
     that belongs to another model.
     """
-    config.validate(batch_parallelism(mesh))
+    config.validate(batch_parallelism(mesh), pipeline.stage_count(mesh))
     setup = build(task, config, mesh, rules)
     data_iter = task.train_iterator(config.batch_size, config.seed)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
@@ -292,7 +301,7 @@ def evaluate_best(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params, step = best_params(workdir, abstract)
         eval_fn = make_eval_fn(task, jax.tree.map(lambda x: x.sharding, abstract),
-                               batch_sharding(mesh))
+                               batch_sharding(mesh), config.pipeline_microbatches)
         evals = eval_set(task, config)
         metrics = evaluate(task, eval_fn, params, evals, config.eval_rows, batch_sharding(mesh))
     print(f"eval: step {step}, loss {metrics['loss']:.4f}{_format_extra(metrics)} over "
