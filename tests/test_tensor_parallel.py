@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from lmjax.data.pipelines import load_lm_data
 from lmjax.models import GPTConfig, RNNConfig
-from lmjax.parallel import RULES, collectives, make_mesh
+from lmjax.parallel import RULES, collectives, make_mesh, pipeline
 from lmjax.parallel.mesh import MeshConfig, to_global
 from lmjax.parallel.rules import strip_boxes
 from lmjax.train import trainer
@@ -230,3 +230,10 @@ def test_bert_encoder_block_equals_one_device(dropout):
     split = dataclasses.replace(model, tensor_impl="shard_map", sequence_parallel=True)
     want = bert_losses(model if dropout == 0 else megatron(split, False), one_device())
     np.testing.assert_allclose(bert_losses(split, make_mesh(2, 1, 4)), want, rtol=1e-5)
+
+
+def test_pipeline_with_shard_map_blocks_is_refused():
+    model = megatron(num_layers=4, scan_layers=True)
+    with pytest.raises(ValueError, match="does not combine with mesh.tensor_impl='shard_map'"):
+        with pipeline.microbatches(2):
+            _trace(model, make_mesh(1, 1, 4, stage=2))

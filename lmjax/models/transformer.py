@@ -191,6 +191,12 @@ class GPT(nn.Module):
         if not c.scan_layers:
             raise ValueError("pipelining (mesh.stage > 1 or train.pipeline_microbatches > "
                              "1) runs the stacked layers: set GPTConfig.scan_layers = True")
+        if c.tensor_impl == "shard_map":
+            # A shard_map block nested in the stage shard_map fails Shardy's verifier
+            # (jax 0.10): manual axes must precede the free `stage` axis.
+            raise ValueError("pipelining (mesh.stage > 1 or train.pipeline_microbatches > 1) "
+                             "does not combine with mesh.tensor_impl='shard_map' yet; use "
+                             "mesh.tensor_impl='auto' (XLA's tensor parallelism) inside stages")
         key = None if deterministic or c.dropout == 0 else self.make_rng("dropout")
         return pipeline.run(block_layer(c, deterministic), self.variables["params"]["blocks"],
                             x, positions, key, stages=pipeline.stage_count(),
