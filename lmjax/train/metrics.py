@@ -34,6 +34,16 @@ class MetricWriter:
         self.tb.close()
 
 
+class NullWriter:
+    """A MetricWriter that writes nothing (the processes of a job other than process 0)."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
 def rewrite_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
     """Atomically rewrites a JSONL file with the records `keep` accepts.
 
