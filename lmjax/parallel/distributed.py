@@ -17,6 +17,7 @@ devices read and train on exactly the batches 1 process x 8 devices does.
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
 import sys
 import traceback
@@ -89,6 +90,8 @@ def initialize(job: Job) -> None:
     CPU collectives go through gloo. A coordinator on a loopback address binds the service
     to that address only (JAX's default listens on every interface)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if job.loopback:
+        _gloo_on_loopback()
     jax.distributed.initialize(
         job.coordinator, job.num_processes, job.process_id,
         cluster_detection_method="deactivate" if job.explicit else None,
@@ -96,6 +99,17 @@ def initialize(job: Job) -> None:
         heartbeat_timeout_seconds=job.heartbeat_timeout,
         shutdown_timeout_seconds=job.shutdown_timeout,
         coordinator_bind_address=job.coordinator if job.loopback else None)
+
+
+def _gloo_on_loopback() -> None:
+    """Makes gloo's CPU collectives listen on 127.0.0.1. JAX creates them without an
+    address, and gloo then listens on whatever the machine's hostname resolves to, which
+    may be a public interface; jax 0.10 has no setting for it, hence the wrapper."""
+    from jax._src.lib import _jax
+
+    make = _jax.make_gloo_tcp_collectives
+    if not isinstance(make, functools.partial):
+        _jax.make_gloo_tcp_collectives = functools.partial(make, hostname="127.0.0.1")
 
 
 def is_multiprocess() -> bool:
