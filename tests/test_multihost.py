@@ -266,3 +266,122 @@ def test_two_processes_train_exactly_like_one(tmp_path, clean_gin):
     np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
     np.testing.assert_allclose(records(multi, "eval")[4], records(single, "eval")[4],
                                rtol=1e-5)
+
+
+# --- slow: the acceptance runs -------------------------------------------------------
+
+MESHES = {"data": ("mesh.data=-1",), "fsdp": ("mesh.data=1", "mesh.fsdp=-1"),
+          "tensor": ("mesh.data=-1", "mesh.tensor=4")}  # tensor spans processes in 4x2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+def test_baby_config_trains_alike_on_1x8_2x4_and_4x2(tmp_path, clean_gin, mesh):
+    """The baby config, 20 steps at batch 16: the same losses (relative 1e-5) with 1
+    process x 8 devices, 2 x 4 and 4 x 2."""
+    params = ("train.num_steps=20", "train.batch_size=16", "train.log_every=1",
+              "train.eval_every=20", "train.checkpoint_every=20", *MESHES[mesh])
+    run_single(tmp_path / "1x8", *params, gin_file=BABY)
+    want = losses(tmp_path / "1x8")
+    assert len(want) == 20 and want[-1] < want[0]
+    for processes, devices in ((2, 4), (4, 2)):
+        workdir = tmp_path / f"{processes}x{devices}"
+        run_launch(workdir, processes, devices, *params, gin_file=BABY)
+        np.testing.assert_allclose(losses(workdir), want, rtol=1e-5)
+
+
+RESUMABLE = ("train.num_steps=40", "train.log_every=1", "train.eval_every=40",
+             "train.checkpoint_every=10")
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_job_and_the_rerun_resumes(tmp_path):
+    """SIGKILL one of 2 processes mid-training: every process exits within 60 s, the
+    launcher names the dead one, and rerunning the command resumes to exactly the
+    uninterrupted run's losses."""
+    reference = tmp_path / "uninterrupted"
+    run_launch(reference, 2, 4, *RESUMABLE)
+    workdir = tmp_path / "killed"
+    with launched(workdir, 2, 4, *RESUMABLE) as (proc, log):
+        wait_for_step(workdir, 12, proc)
+        os.kill(child_pids(log.read_text())[1], signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait(timeout=60)
+        stopped_after = time.time() - killed_at
+    output = log.read_text()
+    assert proc.returncode == 1 and stopped_after < 60, output[-3000:]
+    assert re.search(r"process 1 of 2 \(pid \d+\) stopped with signal SIGKILL", output)
+    assert not left_behind(workdir)
+    assert max(records(workdir)) < 40  # it was stopped mid-training
+    run_launch(workdir, 2, 4, *RESUMABLE)
+    np.testing.assert_allclose(losses(workdir), losses(reference), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_hung_process_stops_the_job(tmp_path):
+    """A process that stops answering (SIGSTOP) misses its heartbeats: the others stop
+    with an error naming it within the heartbeat timeout, and the launcher ends all."""
+    workdir = tmp_path / "hung"
+    params = ("train.num_steps=400", "train.log_every=1", "train.eval_every=400")
+    with launched(workdir, 2, 4, *params, flags=("--heartbeat_timeout=10",)) as (proc, log):
+        wait_for_step(workdir, 3, proc)
+        os.kill(child_pids(log.read_text())[1], signal.SIGSTOP)
+        stopped_at = time.time()
+        proc.wait(timeout=60)
+        took = time.time() - stopped_at
+    output = log.read_text()
+    assert proc.returncode == 1 and took < 60, output[-3000:]
+    assert "stopped sending heartbeats" in output and "process 0 of 2" in output
+    assert not left_behind(workdir)
+
+
+@pytest.mark.slow
+def test_processes_started_alone_stop_when_one_dies(tmp_path):
+    """Without the launcher (as on a cluster): `train --coordinator_address=...
+    --num_processes=2 --process_id=P` in each process; when process 1 dies, process 0
+    stops within 60 s with an error naming it."""
+    workdir = tmp_path / "alone"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    address = f"127.0.0.1:{launch.free_port()}"
+    procs, logs = [], [tmp_path / f"p{p}.log" for p in (0, 1)]
+    try:
+        for pid, path in enumerate(logs):
+            flags = [f"--coordinator_address={address}", "--num_processes=2",
+                     f"--process_id={pid}", "--heartbeat_timeout=10"]
+            with open(path, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "lmjax.main",
+                     *_train_args(workdir, TINY, ("train.num_steps=400", "train.log_every=1",
+                                                  "train.eval_every=400")), *flags],
+                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        wait_for_step(workdir, 3, procs[0])
+        procs[1].kill()
+        killed_at = time.time()
+        procs[0].wait(timeout=60)
+        assert time.time() - killed_at < 60
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert procs[0].returncode != 0
+    assert "stopped sending heartbeats" in logs[0].read_text()
+    assert not left_behind(workdir)
+
+
+@pytest.mark.slow
+def test_checkpoints_restore_across_process_counts(tmp_path, clean_gin):
+    """A checkpoint written by 2 processes trains on in 1, and the reverse, to the
+    losses of one uninterrupted 1-process run (relative 1e-5)."""
+    base = ("train.decay_steps=20", "train.log_every=1", "train.eval_every=10",
+            "train.checkpoint_every=10")
+    first, rest = (*base, "train.num_steps=10"), (*base, "train.num_steps=20")
+    reference = tmp_path / "one"
+    run_single(reference, *rest)
+    two_then_one, one_then_two = tmp_path / "2-then-1", tmp_path / "1-then-2"
+    run_launch(two_then_one, 2, 4, *first)
+    run_single(two_then_one, *rest)
+    run_single(one_then_two, *first)
+    run_launch(one_then_two, 2, 4, *rest)
+    for workdir in (two_then_one, one_then_two):
+        np.testing.assert_allclose(losses(workdir), losses(reference), rtol=1e-5)
