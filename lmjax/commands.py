@@ -124,7 +124,8 @@ def launch(args: argparse.Namespace) -> None:
     from lmjax.parallel.launch import launch as run_job
 
     run_job(LaunchConfig(command=tuple(args.child_command), num_processes=args.num_processes,
-                         devices_per_process=args.devices_per_process, port=args.port))
+                         devices_per_process=args.devices_per_process, port=args.port,
+                         module=args.module))
 
 
 COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "ps": ps,

@@ -87,6 +87,9 @@ def _launch_parser() -> argparse.ArgumentParser:
                         "GPU machine (default: the visible GPUs / N)")
     parser.add_argument("--port", type=int, default=0,
                         help="coordinator port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--module", default="lmjax.main",
+                        help="the program each process runs as `python -m MODULE COMMAND...` "
+                        "(default: lmjax itself)")
     return parser
 
 

@@ -162,9 +162,10 @@ def test_job_from_flags_environment_and_clusters():
     assert cluster.explicit and not cluster.loopback
     with pytest.raises(ValueError, match="--coordinator_address, --num_processes"):
         distributed.job_from(process_id=1, environ={})
-    slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}
-    assert distributed.job_from(environ=slurm) == distributed.Job()  # JAX reads the rest
-    assert distributed.job_from(environ={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    srun = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}
+    assert distributed.job_from(environ=srun) == distributed.Job()  # JAX reads the rest
+    assert distributed.job_from(environ={"SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.job_from(environ={"SLURM_NTASKS": "4"}) is None  # salloc's shell
     assert distributed.job_from(environ={"OMPI_COMM_WORLD_SIZE": "2"}) == distributed.Job()
     assert distributed.job_from(force=True, environ={}) == distributed.Job()
 

@@ -57,10 +57,10 @@ def _int_env(environ, name: str) -> int | None:
 
 
 def cluster_detected(environ=os.environ) -> bool:
-    """A SLURM step or Open MPI job of more than one task (JAX reads the rest from it)."""
-    slurm = (environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1")
-    ompi = environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    return int(slurm) > 1 and "SLURM_PROCID" in environ or int(ompi) > 1
+    """An `srun` step or Open MPI job of more than one task (JAX reads the rest from it).
+    An allocation's shell (salloc, an sbatch script outside srun) is not one."""
+    tasks = [environ.get("SLURM_STEP_NUM_TASKS"), environ.get("OMPI_COMM_WORLD_SIZE")]
+    return any(int(n) > 1 for n in tasks if n)
 
 
 def job_from(coordinator=None, num_processes=None, process_id=None, force=False,

@@ -40,6 +40,7 @@ class LaunchConfig:
     port: int = 0  # the coordinator's port on 127.0.0.1; 0 picks a free one
     # After the first process exits cleanly, how long the others may take to follow.
     finish_timeout: float = 120.0
+    module: str = "lmjax.main"  # children run `python -m MODULE COMMAND...`
 
 
 def free_port(port: int = 0) -> int:
@@ -103,7 +104,8 @@ class Job:
     def start(self) -> None:
         port, gpus = free_port(self.config.port), visible_gpus()
         for pid in range(self.config.num_processes):
-            proc = subprocess.Popen([sys.executable, "-m", "lmjax.main", *self.config.command],
+            proc = subprocess.Popen([sys.executable, "-m", self.config.module,
+                                     *self.config.command],
                                     env=child_env(self.config, pid, port, gpus),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self.procs.append(proc)
