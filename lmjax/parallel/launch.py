@@ -187,6 +187,9 @@ def launch(config: LaunchConfig) -> None:
     if not config.command:
         raise LaunchError("no command to launch: put it after --, e.g. `lmjax launch "
                           "--num_processes=2 -- train --workdir=DIR --gin_file=F`")
+    if config.module == "lmjax.main" and config.command[0] != "train":
+        raise LaunchError(f"`lmjax {config.command[0]}` does not run as a multi-process job; "
+                          "launch `train` (the others run in one process)")
     job = Job(config)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
