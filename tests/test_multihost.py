@@ -337,6 +337,22 @@ def test_hung_process_stops_the_job(tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_launcher_takes_its_processes_with_it(tmp_path):
+    """SIGKILL the launcher alone (its children are not signalled): they die with it."""
+    workdir = tmp_path / "orphans"
+    params = ("train.num_steps=400", "train.log_every=1", "train.eval_every=400")
+    with launched(workdir, 2, 4, *params) as (proc, log):
+        wait_for_step(workdir, 2, proc)
+        children = child_pids(log.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while left_behind(workdir) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not left_behind(workdir), (children, left_behind(workdir))
+
+
+@pytest.mark.slow
 def test_processes_started_alone_stop_when_one_dies(tmp_path):
     """Without the launcher (as on a cluster): `train --coordinator_address=...
     --num_processes=2 --process_id=P` in each process; when process 1 dies, process 0
