@@ -138,6 +138,10 @@ class Job:
                 proc.kill()
         for proc in self.procs:
             proc.wait()
+        self.drain()
+
+    def drain(self) -> None:
+        """Waits (a little) for the last lines of the exited children to be printed."""
         for thread in self.threads:
             thread.join(timeout=5)
 
@@ -195,6 +199,7 @@ def launch(config: LaunchConfig) -> None:
     try:
         job.start()
         _watch(job)
+        job.drain()
         job.say(f"all {config.num_processes} processes finished")
     except KeyboardInterrupt:
         raise LaunchError("interrupted; every process was stopped") from None
