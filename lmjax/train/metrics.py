@@ -4,8 +4,6 @@ import json
 import os
 from collections.abc import Callable
 
-from tensorboardX import SummaryWriter
-
 
 class MetricWriter:
     """Appends records; on resume, drops records newer than the restored checkpoint.
@@ -18,6 +16,10 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._truncate(resume_step or 0)
+        # Imported here: tensorboardX imports torch (seconds), which the processes of a
+        # multi-process job other than process 0 never need.
+        from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate(self, keep_until: int) -> None:
