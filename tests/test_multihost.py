@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, is_loopback
 
 from lmjax import main
-from lmjax.data import pipelines
+from lmjax.data import bert_data, pipelines
 from lmjax.parallel import distributed, launch
 
 TINY = "configs/experiments/shakespeare_char_tiny.gin"
@@ -207,6 +207,23 @@ def test_global_batches_do_not_depend_on_the_process_count(monkeypatch, count):
             np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]),
                                           batch[key])
     assert all(p.get_state() == alone.get_state() for p in parts)
+
+
+def test_bert_masking_does_not_depend_on_the_process_count(monkeypatch):
+    """BERT's masking draws per global batch: the blocks equal the one-process batch."""
+    rng = np.random.default_rng(0)
+    rows = bert_data.Instances(rng.integers(5, 100, (50, 16)).astype(np.int32),
+                               np.zeros((50, 16), np.int32), np.zeros(50, np.int32),
+                               np.ones(50, np.float32))
+    mask = bert_data.MaskConfig(vocab_size=100, max_predictions=3)
+    alone = bert_data.pretrain_eval_batches(rows, 8, 4, 7, mask)
+    parts = []
+    for index in range(2):
+        monkeypatch.setattr(bert_data, "batch_share", lambda n, i=index: (i, 2))
+        parts.append(bert_data.pretrain_eval_batches(rows, 8, 4, 7, mask))
+    for k, batch in enumerate(alone):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(np.concatenate([p[k][key] for p in parts]), value)
 
 
 def test_child_environment_gives_each_process_its_devices(monkeypatch):
