@@ -2,7 +2,8 @@
 
 `train`, `eval` and `bench` build the task with its data; `sample` and `serve` read the
 run's config, tokenizer and best parameters only (no corpus, optimiser or train step);
-`ps` runs the parameter server. Every function takes the parsed command line after gin
+`ps` runs the parameter server; `launch` starts local processes that run one of these as
+one jax.distributed job. Every function takes the parsed command line after gin
 has been parsed (lmjax/main.py) and turns the bindings into config objects with
 `configs.bound`.
 """
@@ -48,12 +49,23 @@ def _run_parts():
 
 
 def train(args: argparse.Namespace) -> dict:
-    from lmjax.train import trainer
+    from lmjax.parallel import distributed
 
-    config, mesh, rules = _run_parts()
-    task = build_task(config, args.workdir)
-    return trainer.train(task=task, config=config, mesh=mesh, rules=rules,
-                         workdir=args.workdir, on_ready=lambda: write_config(args.workdir))
+    # Joins a multi-process job (flags, `lmjax launch` or a cluster) before the mesh
+    # creates the backend; a single-process run joins nothing.
+    job = distributed.job_from(args.coordinator_address, args.num_processes,
+                               args.process_id, force=args.distributed,
+                               heartbeat_timeout=args.heartbeat_timeout)
+    if job is not None:
+        distributed.initialize(job)
+    with distributed.exit_at_once_on_error():
+        from lmjax.train import trainer
+
+        config, mesh, rules = _run_parts()
+        # Process 0 prepares the data and writes the tokenizer; the others then read them.
+        task = distributed.process_zero_first(lambda: build_task(config, args.workdir))
+        return trainer.train(task=task, config=config, mesh=mesh, rules=rules,
+                             workdir=args.workdir, on_ready=lambda: write_config(args.workdir))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -112,5 +124,14 @@ def ps(args: argparse.Namespace) -> dict:
                   on_ready=lambda: write_config(args.workdir))
 
 
+def launch(args: argparse.Namespace) -> None:
+    from lmjax.parallel.launch import LaunchConfig
+    from lmjax.parallel.launch import launch as run_job
+
+    run_job(LaunchConfig(command=tuple(args.child_command), num_processes=args.num_processes,
+                         devices_per_process=args.devices_per_process, port=args.port,
+                         module=args.module))
+
+
 COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "ps": ps,
-            "serve": serve}
+            "serve": serve, "launch": launch}

@@ -1,7 +1,9 @@
 """Command line: `python -m lmjax.main COMMAND --workdir=DIR --gin_file=F ...`.
 
 Thin by design: parse flags and gin, then call the command's function in
-lmjax/commands.py, which imports only what that command needs.
+lmjax/commands.py, which imports only what that command needs. `launch` takes no gin:
+`python -m lmjax.main launch --num_processes=N -- COMMAND ...` runs COMMAND as N local
+processes of one jax.distributed job.
 """
 
 import argparse
@@ -16,6 +18,8 @@ COMMANDS = """commands:
   bench   time the training step of a config (saves no checkpoint)
   ps      run a parameter-server job (in virtual time, or as local processes)
   serve   serve the best checkpoint in WORKDIR over HTTP (OpenAI-compatible completions)
+  launch  run a command as N local processes of one jax.distributed job:
+          launch --num_processes=N [--devices_per_process=D] -- train --workdir=DIR ...
 """
 
 
@@ -36,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     sample.add_argument("--top_k", type=int, default=200, help="0 for no top-k cut")
     sample.add_argument("--seed", type=int, default=0)
+    job = parser.add_argument_group(
+        "multi-process train (default: from `lmjax launch`, or a SLURM or Open MPI job)")
+    job.add_argument("--coordinator_address", default=None,
+                     help="host:port of process 0's coordination service")
+    job.add_argument("--num_processes", type=int, default=None)
+    job.add_argument("--process_id", type=int, default=None)
+    job.add_argument("--distributed", action="store_true",
+                     help="join a job JAX detects itself (TPU pod slices, or a cluster "
+                     "lmjax does not detect)")
+    job.add_argument("--heartbeat_timeout", type=int, default=30,
+                     help="seconds without a heartbeat before a process counts as dead "
+                     "and the job stops")
     ps = parser.add_argument_group("ps")
     ps.add_argument("--overwrite", action="store_true",
                     help="start over in a workdir that holds an earlier parameter-server "
@@ -61,6 +77,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmjax launch", usage="lmjax launch --num_processes=N [--devices_per_process=D] "
+        "-- COMMAND [FLAGS...]",
+        description="Runs `lmjax COMMAND` as N local processes of one jax.distributed job "
+        "(coordinator on 127.0.0.1), streaming their output with a [process] prefix; if one "
+        "fails, all are stopped.")
+    parser.add_argument("--num_processes", type=int, required=True)
+    parser.add_argument("--devices_per_process", type=int, default=None,
+                        help="CPU devices per process (default 1), or GPUs per process on a "
+                        "GPU machine (default: the visible GPUs / N)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="coordinator port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--module", default="lmjax.main",
+                        help="the program each process runs as `python -m MODULE COMMAND...` "
+                        "(default: lmjax itself)")
+    return parser
+
+
+def _launch(argv: list[str]) -> None:
+    """`launch FLAGS -- COMMAND...`: the launcher's flags, then the children's command."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = _launch_parser().parse_args(argv[:split])
+    args.child_command = argv[split + 1:]
+    from lmjax import commands
+
+    return commands.COMMANDS["launch"](args)
+
+
 def _fail(message: str) -> None:
     print(f"lmjax: error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_CONFIG)
@@ -68,6 +113,9 @@ def _fail(message: str) -> None:
 
 def run(argv: list[str] | None = None) -> object:
     """Parses flags and gin, then runs the command's function (lmjax/commands.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        return _launch(argv[1:])
     args = _parser().parse_args(argv)
     files = args.gin_file
     if not files and args.command not in ("train", "ps"):
@@ -84,6 +132,10 @@ def run(argv: list[str] | None = None) -> object:
 
 
 def main() -> None:
+    from lmjax.lifeline import LAUNCHER_ENV, die_with_parent
+
+    die_with_parent(LAUNCHER_ENV)  # a process of `lmjax launch` dies with the launcher
+    os.environ.pop(LAUNCHER_ENV, None)  # ... but not what it starts itself
     from lmjax.errors import RunError
 
     try:

@@ -21,11 +21,11 @@ import os
 import re
 
 import grain
-import jax
 import numpy as np
 
 from lmjax.data import builders
 from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
+from lmjax.parallel.distributed import batch_share
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -306,18 +306,18 @@ def pad_predictions(max_seq_len: int, mask_prob: float = 0.15) -> int:
 # --- grain pipelines ---------------------------------------------------------------
 
 
-def _local_rows(global_batch: int) -> int:
-    count = jax.process_count()
-    if global_batch % count:
-        raise ValueError(f"batch size {global_batch} does not divide over {count} processes")
-    return global_batch // count
-
-
 def _masked(instances: Instances, global_batch: int, seed: int, mask: MaskConfig):
+    """This process's rows of each masked global batch. Every process masks the whole
+    global batch (the masking draws depend on the batch, not the process count) and
+    keeps its block."""
+    index, count = batch_share(global_batch)
     ds = grain.MapDataset.source(instances).shuffle(seed=seed).repeat()
-    ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.batch(_local_rows(global_batch), drop_remainder=True)
-    return ds.random_map(lambda batch, rng: mask_batch(batch, rng, mask), seed=seed + 1)
+    ds = ds.batch(global_batch, drop_remainder=True)
+    ds = ds.random_map(lambda batch, rng: mask_batch(batch, rng, mask), seed=seed + 1)
+    if count == 1:
+        return ds
+    rows = slice(index * global_batch // count, (index + 1) * global_batch // count)
+    return ds.map(lambda batch: {k: v[rows] for k, v in batch.items()})
 
 
 def pretrain_iterator(instances: Instances, global_batch: int, seed: int, mask: MaskConfig):

@@ -10,7 +10,6 @@ import dataclasses
 import os
 
 import grain
-import jax
 import numpy as np
 
 from lmjax.data import builders
@@ -20,6 +19,7 @@ from lmjax.data.tokenizers import (
     Tokenizer,
     load_tokenizer,
 )
+from lmjax.parallel.distributed import batch_share
 
 
 class Windows:
@@ -42,18 +42,18 @@ def _split_pair(window: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": window[..., :-1], "targets": window[..., 1:]}
 
 
-def _local_batch(global_batch: int) -> int:
-    count = jax.process_count()
-    if global_batch % count:
-        raise ValueError(f"batch size {global_batch} does not divide over {count} processes")
-    return global_batch // count
+def process_batches(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset:
+    """Batches of this process's rows: its contiguous block of each global batch
+    (lmjax.parallel.distributed.batch_share). The global batches, and so training, are the
+    same for any number of processes; item k is always (a block of) global batch k."""
+    index, count = batch_share(global_batch)
+    return ds.batch(global_batch // count, drop_remainder=True)[index::count]
 
 
 def window_batches(tokens: np.ndarray, length: int, global_batch: int, seed: int):
     """Endless grain MapDataset of this process's share of each global batch of windows."""
     ds = grain.MapDataset.source(Windows(tokens, length)).shuffle(seed=seed).repeat()
-    ds = ds[jax.process_index() :: jax.process_count()]
-    return ds.batch(_local_batch(global_batch), drop_remainder=True).map(_split_pair)
+    return process_batches(ds, global_batch).map(_split_pair)
 
 
 def train_iterator(tokens: np.ndarray, length: int, global_batch: int, seed: int):
@@ -167,8 +167,7 @@ def pad_examples(ids: list[np.ndarray], labels: list[int], max_length: int,
 def classification_iterator(examples: Examples, global_batch: int, seed: int):
     """Checkpointable grain iterator over shuffled, repeated batches of this process's rows."""
     ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
-    ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
+    ds = process_batches(ds, global_batch)
     options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(ds.to_iter_dataset(options))
 
@@ -177,13 +176,14 @@ def classification_eval_batches(examples: Examples, global_batch: int,
                                 max_batches: int) -> list[dict[str, np.ndarray]]:
     """All examples in their order (at most `max_batches` batches); the last batch is padded
     with weight-0 rows so each example counts exactly once."""
-    local = _local_batch(global_batch)
+    share, count = batch_share(global_batch)
+    local = global_batch // count
     batches = []
     for start in range(0, len(examples), global_batch):
         if len(batches) == max_batches:
             break
         index = np.arange(start, start + global_batch)
-        rows = index[jax.process_index() * local : (jax.process_index() + 1) * local]
+        rows = index[share * local : (share + 1) * local]
         real = rows < len(examples)
         take = np.where(real, rows, 0)
         batches.append({"inputs": examples.inputs[take], "mask": examples.mask[take],
@@ -283,8 +283,9 @@ class StreamChunks:
 
 
 def _process_rows(global_batch: int) -> slice:
-    local = _local_batch(global_batch)
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    index, count = batch_share(global_batch)
+    local = global_batch // count
+    return slice(index * local, (index + 1) * local)
 
 
 def stream_iterator(tokens: np.ndarray, length: int, global_batch: int,

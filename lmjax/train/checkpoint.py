@@ -18,6 +18,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lmjax.errors import RunError
 from lmjax.models.transformer import match_layout
+from lmjax.parallel.distributed import barrier
 
 # Written into every checkpoint's meta; checkpoints without it (or with another value)
 # come from an older layout of the train state and are refused with one clear error.
@@ -217,11 +218,12 @@ class Checkpointer:
             steps, lambda step: (*self.restore(step, abstract_state, data_iter), step))
         skipped = [step for step in steps if found is None or step > found[2]]
         if skipped and not self.read_only:
-            for step in skipped:
+            for step in skipped if jax.process_index() == 0 else ():  # one mover per job
                 aside = os.path.join(self.directory, f"{step}.unreadable")
                 os.replace(os.path.join(self.directory, str(step)), aside)
                 print(f"lmjax: moved the unreadable checkpoint step {step} to {aside}",
                       file=sys.stderr, flush=True)
+            barrier("lmjax: unreadable checkpoints moved aside")
             self.manager.reload()
         return found
 

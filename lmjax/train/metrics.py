@@ -4,8 +4,6 @@ import json
 import os
 from collections.abc import Callable
 
-from tensorboardX import SummaryWriter
-
 
 class MetricWriter:
     """Appends records; on resume, drops records newer than the restored checkpoint.
@@ -18,6 +16,10 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._truncate(resume_step or 0)
+        # Imported here: tensorboardX imports torch (seconds), which the processes of a
+        # multi-process job other than process 0 never need.
+        from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate(self, keep_until: int) -> None:
@@ -32,6 +34,16 @@ class MetricWriter:
 
     def close(self) -> None:
         self.tb.close()
+
+
+class NullWriter:
+    """A MetricWriter that writes nothing (the processes of a job other than process 0)."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
 
 
 def rewrite_jsonl(path: str, keep: Callable[[dict], bool]) -> None:

@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 from lmjax.errors import RunError
 from lmjax.parallel import pipeline
+from lmjax.parallel.distributed import loading_for
 from lmjax.parallel.mesh import batch_parallelism, batch_sharding, stacked_sharding, to_global
 from lmjax.train import optim
 from lmjax.train.checkpoint import Checkpointer, as_abstract, best_params
 from lmjax.train.config import TrainConfig
-from lmjax.train.metrics import MetricWriter
+from lmjax.train.metrics import MetricWriter, NullWriter
 from lmjax.train.state import TrainState, abstract_params, create_state, state_shardings
 from lmjax.train.step import train_step
 from lmjax.train.tasks import Task, evaluate
@@ -93,9 +94,17 @@ def stack_batches(batches: list[dict]) -> dict:
     return jax.tree.map(lambda *rows: np.stack(rows), *batches)
 
 
-def eval_set(task: Task, config: TrainConfig) -> list[dict]:
-    """The fixed eval batches of a run, the same at every evaluation."""
-    return task.eval_batches(config.eval_rows, config.eval_batches, config.seed + 1)
+def eval_set(task: Task, config: TrainConfig, sharding: NamedSharding | None = None
+             ) -> list[dict]:
+    """The fixed eval batches of a run, the same at every evaluation; with `sharding`,
+    this process's rows of them (those its devices hold)."""
+    with loading_for(sharding):
+        return task.eval_batches(config.eval_rows, config.eval_batches, config.seed + 1)
+
+
+def writer_for(workdir: str, start: int | None):
+    """Process 0 writes metrics.jsonl and TensorBoard; the others write nothing."""
+    return MetricWriter(workdir, start) if jax.process_index() == 0 else NullWriter()
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[dict]:
@@ -146,22 +155,25 @@ def train(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str,
           on_ready=None) -> dict:
     """Trains (or resumes from `workdir`) and returns a summary of the final metrics.
 
-    `on_ready` runs once the checkpoint has been checked against the model and before
-    anything is written, so callers can record the config without overwriting a workdir
-    that belongs to another model.
+    `on_ready` runs (in process 0 of a multi-process job) once the checkpoint has been
+    checked against the model and before anything is written, so callers can record the
+    config without overwriting a workdir that belongs to another model. Every process
+    loads its rows of each batch, saves its shards of each checkpoint and computes the
+    same metrics; process 0 alone writes the metrics and shows progress.
     """
     config.validate(batch_parallelism(mesh), pipeline.stage_count(mesh))
     setup = build(task, config, mesh, rules)
-    data_iter = task.train_iterator(config.batch_size, config.seed)
+    with loading_for(setup.batch_sharding):
+        data_iter = task.train_iterator(config.batch_size, config.seed)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             state, meta, start = _restore_or_init(setup, checkpoints, config, mesh, rules,
                                                   data_iter)
-        if on_ready is not None:
+        if on_ready is not None and jax.process_index() == 0:
             on_ready()
-        run = _Run(setup, config, checkpoints, MetricWriter(workdir, start), data_iter,
-                   eval_set(task, config))
+        run = _Run(setup, config, checkpoints, writer_for(workdir, start), data_iter,
+                   eval_set(task, config, setup.batch_sharding))
         try:
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 return _loop(run, state, meta, start or 0)
@@ -238,6 +250,8 @@ def _summary(config, start, meta, record, eval_loss, eval_metrics, elapsed) -> d
         "seconds": elapsed,
         "eval": eval_metrics,
     }
+    if jax.process_index() != 0:
+        return summary  # process 0 speaks for the job
     if start == config.num_steps:
         print(f"{config.num_steps} steps already done in this workdir; nothing to train")
     else:
@@ -302,7 +316,7 @@ def evaluate_best(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir
         params, step = best_params(workdir, abstract)
         eval_fn = make_eval_fn(task, jax.tree.map(lambda x: x.sharding, abstract),
                                batch_sharding(mesh), config.pipeline_microbatches)
-        evals = eval_set(task, config)
+        evals = eval_set(task, config, batch_sharding(mesh))
         metrics = evaluate(task, eval_fn, params, evals, config.eval_rows, batch_sharding(mesh))
     print(f"eval: step {step}, loss {metrics['loss']:.4f}{_format_extra(metrics)} over "
           f"{len(evals)} batches")
