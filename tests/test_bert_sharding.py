@@ -51,7 +51,9 @@ def _losses(task, mesh, steps=3):
     return run_steps(task, mesh, TRAIN, steps)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+# Fine-tuning by default; pretraining (about a minute) in the slow tier.
+@pytest.mark.parametrize("name", [pytest.param("pretrain", marks=pytest.mark.slow),
+                                  "finetune"])
 def test_bert_on_data_and_tensor_axes_equals_one_device(name):
     one, _ = _losses(TASKS[name](), make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     many, state = _losses(TASKS[name](), make_mesh(2, 1, 4))

@@ -38,6 +38,7 @@ def test_train_writes_metrics_config_and_checkpoints(trained):
     assert "done: step 20" in result.stdout
 
 
+@pytest.mark.slow  # ~1 min; the serving and command tests read the best checkpoint too
 def test_sample_and_eval_read_the_best_checkpoint(trained):
     workdir, _ = trained
     out = run_cli("sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--max_new_tokens=20",
@@ -54,6 +55,7 @@ def test_sample_and_eval_read_the_best_checkpoint(trained):
     assert f"loss {best:.4f}" in evaluated.stdout
 
 
+@pytest.mark.slow  # ~1-2 min; by default test_rnn checks a stopped-and-rerun run resumes exactly
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, trained):
     params = ["train.checkpoint_every=5", "train.log_every=1"]
     reference, _ = trained
