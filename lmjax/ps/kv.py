@@ -217,13 +217,15 @@ def decode_push(payload: bytes, plan: ShardPlan, shard: int, slot: int,
     """encode_push's Push; each payload's array lengths follow from the codec and shape."""
     (size,) = struct.unpack_from("<I", payload)
     header = json.loads(payload[4:4 + size])
+    sizes = [math.prod(plan.shapes[name]) for name in plan.names[shard]]
+    expected = sum(d.itemsize * n for s in sizes for d, n in codec.layout(s))
+    if len(payload) - 4 - size != expected:
+        raise ValueError(f"a push to shard {shard} carries {len(payload) - 4 - size} bytes of "
+                         f"gradients where the server's codec expects {expected}: the workers "
+                         "and servers disagree on ps.compression")
     grads, offset = {}, 4 + size
-    for name in plan.names[shard]:
-        grads[name], offset = codecs.from_bytes(codec, math.prod(plan.shapes[name]), payload,
-                                                offset)
-    if offset != len(payload):
-        raise ValueError(f"a push to shard {shard} holds {len(payload)} bytes, its codec's "
-                         f"layout {offset}: the workers and servers disagree on ps.compression")
+    for name, count in zip(plan.names[shard], sizes, strict=True):
+        grads[name], offset = codecs.from_bytes(codec, count, payload, offset)
     return Push(grads=grads, slot=slot, **header)
 
 
