@@ -22,6 +22,11 @@ class PSConfig:
     # A worker pushes at most this many gradients computed from one version of a shard's
     # parameters, then waits for a newer version instead of computing more from the old one.
     max_pushes_per_version: int = 4
+    # Push compression (lmjax/ps/codecs.py): none, bf16, topk, randk, sign, qsgd.
+    compression: str = "none"
+    compression_fraction: float = 0.01  # topk, randk: fraction of each gradient's entries
+    qsgd_levels: int = 127  # qsgd: s, levels per sign (127 fits int8, up to 32767 int16)
+    error_feedback: bool = False  # add what compression dropped to the next push
     num_updates: int = 60
     batch_size: int = 8  # per worker and step
     optimizer: str = "adam"  # sgd, momentum, adam, adagrad (lmjax/ps/server.py)
@@ -83,6 +88,7 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
         raise ValueError(f"ps.max_pushes_per_version={config.max_pushes_per_version} is below "
                          f"the {per_fetch} pushes a worker makes between two pulls (n_fetch / "
                          "n_push); raise it")
+    _validate_compression(config)
     if len(config.slowdown) > config.num_workers or any(f <= 0 for f in config.slowdown):
         raise ValueError(f"ps.slowdown {config.slowdown} needs at most num_workers positive "
                          "factors")
@@ -90,6 +96,18 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
         raise ValueError(f"ps.port {config.port} is not a TCP port")
     for fault in config.faults:
         parse_fault(fault, config)
+
+
+def _validate_compression(config: PSConfig) -> None:
+    if not 0 < config.compression_fraction <= 1:
+        raise ValueError(f"ps.compression_fraction must be in (0, 1], got "
+                         f"{config.compression_fraction}")
+    if not 1 <= config.qsgd_levels <= 32767:
+        raise ValueError(f"ps.qsgd_levels must be in [1, 32767] (levels per sign, sent as "
+                         f"int8 up to 127, else int16), got {config.qsgd_levels}")
+    if config.error_feedback and config.compression == "none":
+        raise ValueError("ps.error_feedback=True does nothing with ps.compression='none' "
+                         "(nothing is dropped); pick a codec or turn error feedback off")
 
 
 def parse_fault(fault: str, config: PSConfig) -> tuple[str, int, int]:

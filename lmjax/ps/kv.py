@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import struct
@@ -30,6 +31,7 @@ import time
 
 import numpy as np
 
+from lmjax.ps import codecs
 from lmjax.ps.policies import Push, Status
 from lmjax.ps.sharding import ShardPlan
 
@@ -202,15 +204,28 @@ def decode_arrays(names, shapes: dict, buffer, offset: int = 0) -> dict:
 
 
 def encode_push(push: Push, plan: ShardPlan, shard: int) -> bytes:
-    header = {k: v for k, v in dataclasses.asdict(push).items() if k not in ("grads", "slot")}
+    """A JSON header, then each parameter's payload arrays (plan order) as raw bytes."""
+    header = {f.name: getattr(push, f.name) for f in dataclasses.fields(push)
+              if f.name not in ("grads", "slot")}
     head = json.dumps(header).encode()
-    return struct.pack("<I", len(head)) + head + encode_arrays(plan.names[shard], push.grads)
+    body = b"".join(codecs.to_bytes(push.grads[n]) for n in plan.names[shard])
+    return struct.pack("<I", len(head)) + head + body
 
 
-def decode_push(payload: bytes, plan: ShardPlan, shard: int, slot: int) -> Push:
+def decode_push(payload: bytes, plan: ShardPlan, shard: int, slot: int,
+                codec: codecs.Codec) -> Push:
+    """encode_push's Push; each payload's array lengths follow from the codec and shape."""
     (size,) = struct.unpack_from("<I", payload)
     header = json.loads(payload[4:4 + size])
-    grads = decode_arrays(plan.names[shard], plan.shapes, payload, 4 + size)
+    sizes = [math.prod(plan.shapes[name]) for name in plan.names[shard]]
+    expected = sum(d.itemsize * n for s in sizes for d, n in codec.layout(s))
+    if len(payload) - 4 - size != expected:
+        raise ValueError(f"a push to shard {shard} carries {len(payload) - 4 - size} bytes of "
+                         f"gradients where the server's codec expects {expected}: the workers "
+                         "and servers disagree on ps.compression")
+    grads, offset = {}, 4 + size
+    for name, count in zip(plan.names[shard], sizes, strict=True):
+        grads[name], offset = codecs.from_bytes(codec, count, payload, offset)
     return Push(grads=grads, slot=slot, **header)
 
 
@@ -272,8 +287,11 @@ class ShardClient:
 class ShardPublisher:
     """A server shard's side: publish parameters and status, read the inbox in order."""
 
-    def __init__(self, store: SignedStore, plan: ShardPlan, shard: int):
+    def __init__(self, store: SignedStore, plan: ShardPlan, shard: int,
+                 codec: codecs.Codec | None = None):
+        """`codec`: ps.compression's, which the workers encoded with (None: 'none')."""
         self.store, self.plan, self.shard = store, plan, shard
+        self.codec = codec or codecs.Dense()
         self.tick = self._last_tick()
         self.published = -1
         self.cursor = 1  # the next inbox slot to read; published so workers claim from it
@@ -298,12 +316,15 @@ class ShardPublisher:
     def read(self, slot: int, timeout_ms: int = WAIT_MS) -> Push | None:
         """The gradient in inbox `slot`, or None if it is not there within the timeout."""
         payload = self.store.get(key(self.shard, "inbox", slot), timeout_ms)
-        return None if payload is None else decode_push(payload, self.plan, self.shard, slot)
+        return None if payload is None else self._decode(payload, slot)
 
     def try_read(self, slot: int) -> Push | None:
         """The gradient in inbox `slot` if it is already there."""
         payload = self.store.try_get(key(self.shard, "inbox", slot))
-        return None if payload is None else decode_push(payload, self.plan, self.shard, slot)
+        return None if payload is None else self._decode(payload, slot)
+
+    def _decode(self, payload: bytes, slot: int) -> Push:
+        return decode_push(payload, self.plan, self.shard, slot, self.codec)
 
     def claim(self, slot: int) -> tuple[bool, dict | None]:
         """(whether `slot` was claimed, its claim {"worker", "incarnation"} or None if the

@@ -31,7 +31,7 @@ class Push:
     version: int  # the shard's version the worker read
     rounds: int  # the shard's complete rounds at that read
     loss: float
-    grads: dict
+    grads: dict  # {name: payload}, the shard's gradients as ps.compression encoded them
     pushed_bytes: int = 0  # the worker's totals so far, for the metrics
     pulled_bytes: int = 0
     slot: int = -1  # inbox slot (jax_distributed), for replay after a server restart

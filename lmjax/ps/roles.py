@@ -16,6 +16,7 @@ from lmjax.data.config import LMDataConfig
 from lmjax.data.pipelines import load_lm_data
 from lmjax.models import MODELS
 from lmjax.ps import sharding
+from lmjax.ps.codecs import make_codec
 from lmjax.ps.config import PSConfig, parse_fault
 from lmjax.ps.kv import (
     ShardClient,
@@ -108,7 +109,7 @@ def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int =
     params, plan = _plan(spec)
     core = ServerCore(shard, plan.split(params)[shard], config, make_policy(config))
     checkpoints = ServerCheckpoints(spec.workdir, shard)
-    publisher = ShardPublisher(store, plan, shard)
+    publisher = ShardPublisher(store, plan, shard, make_codec(config))
     meta = checkpoints.restore(core) or {"cursor": 1, "floor": 1, "pending": []}
     # Gradients queued at the checkpoint are still in the inbox: read them back.
     core.pending = [publisher.read(slot, 60_000) for slot in meta["pending"]]

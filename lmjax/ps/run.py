@@ -8,6 +8,7 @@ import shutil
 from lmjax.data.config import LMDataConfig
 from lmjax.data.pipelines import LMData, load_lm_data
 from lmjax.ps import config as ps_config
+from lmjax.ps.codecs import CODECS
 from lmjax.ps.inproc import DELAYS, run_inproc
 from lmjax.ps.policies import POLICIES
 from lmjax.ps.server import LR_SCALINGS
@@ -54,7 +55,7 @@ def check(config: ps_config.PSConfig) -> None:
                          "ps.model = @GPTConfig() (see configs/ps/)")
     known = {"transport": TRANSPORTS.names(), "policy": POLICIES.names(),
              "optimizer": OPTIMIZERS.names(), "lr_scaling": LR_SCALINGS.names(),
-             "delay": DELAYS.names()}
+             "delay": DELAYS.names(), "compression": CODECS.names()}
     ps_config.validate(config, len(param_shapes(config.model)), known)
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 
+from lmjax.ps import codecs
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
 from lmjax.registry import Registry
@@ -41,13 +42,14 @@ def make_optimizer(name: str, learning_rate: float):
     return tx, jax.jit(functools.partial(_update, tx))
 
 
-def mean_grads(group: list[Push]) -> dict:
-    """Mean over the group, summed in the group's order (the same on every transport)."""
-    total = {name: np.array(g, dtype=np.float32, copy=True) for name, g in group[0].grads.items()}
-    for push in group[1:]:
-        for name, g in push.grads.items():
+def mean_grads(grads: list[dict]) -> dict:
+    """Mean of {name: gradient} dicts, summed in the list's order (the same on every
+    transport)."""
+    total = {name: np.array(g, dtype=np.float32, copy=True) for name, g in grads[0].items()}
+    for part in grads[1:]:
+        for name, g in part.items():
             total[name] += g
-    return {name: g / np.float32(len(group)) for name, g in total.items()}
+    return {name: g / np.float32(len(grads)) for name, g in total.items()}
 
 
 class ServerCore:
@@ -59,6 +61,8 @@ class ServerCore:
         self.policy = policy
         self.tx, self._update = make_optimizer(config.optimizer, config.learning_rate)
         self.params = jax.device_put(params)
+        self.codec = codecs.make_codec(config)
+        self.shapes = {k: tuple(v.shape) for k, v in params.items()}
         self.opt_state = self.tx.init(self.params)
         self.version = 0
         self.clocks = [0] * config.num_workers
@@ -95,8 +99,10 @@ class ServerCore:
     def _apply(self, group: list[Push], now: float) -> dict:
         taus = [self.version - p.version for p in group]
         scale = LR_SCALINGS.get(self.config.lr_scaling)(taus)
+        # Pushes wait in the queue as their compact payloads; decoded only when applied.
+        grads = [codecs.decode_grads(self.codec, p.grads, self.shapes) for p in group]
         self.params, self.opt_state = self._update(self.params, self.opt_state,
-                                                   mean_grads(group), np.float32(scale))
+                                                   mean_grads(grads), np.float32(scale))
         self.version += 1
         pushed, pulled = (sum(b[i] for b in self.bytes.values()) for i in (0, 1))
         return {

@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from lmjax.data.pipelines import Windows
-from lmjax.ps import sharding
+from lmjax.ps import codecs, sharding
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
 from lmjax.train.state import init_params
@@ -97,6 +97,7 @@ class WorkerCore:
         self._accum: dict | None = None
         self._count = 0
         self._losses: list[float] = []
+        self.compressor = codecs.Compressor(self.config)
 
     def wants_fetch(self) -> bool:
         return self.params is None or self.policy.fetch_due(self.clock)
@@ -129,7 +130,8 @@ class WorkerCore:
         self.pulled_bytes += sum(nbytes(p) for p in parts)
 
     def step(self) -> list[Push] | None:
-        """Computes one gradient; returns one Push per shard when a push is due."""
+        """Computes one gradient; returns one Push per shard when a push is due, its
+        gradients encoded by ps.compression ({name: payload}, lmjax/ps/codecs.py)."""
         loss, grads = self.grad_fn(self.params, self.batches[self.clock])
         grads = jax.device_get(sharding.flatten(grads))
         if self._accum is None:
@@ -145,8 +147,9 @@ class WorkerCore:
         mean = {k: v / np.float32(self._count) for k, v in self._accum.items()}
         loss_mean = float(np.mean(self._losses))
         self._accum, self._count, self._losses = None, 0, []
-        parts = self.plan.split(mean)
-        self.pushed_bytes += sum(nbytes(p) for p in parts)
+        parts = [self.compressor.encode(part, codecs.push_rng(self.config, self.index, clock, k))
+                 for k, part in enumerate(self.plan.split(mean))]
+        self.pushed_bytes += sum(codecs.payload_bytes(p) for part in parts for p in part.values())
         self.pushes = [n + 1 for n in self.pushes]
         return [Push(self.index, clock, self.versions[k], self.rounds[k], loss_mean, part,
                      self.pushed_bytes, self.pulled_bytes) for k, part in enumerate(parts)]
