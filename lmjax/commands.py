@@ -41,11 +41,16 @@ def build_task(config: TrainConfig, workdir: str):
 
 def _run_parts():
     """(train config, mesh, rules); the mesh first, as it may set the CPU device count.
-    The model config takes the mesh's tensor-parallel implementation (mesh.tensor_impl)."""
+    The model config takes the mesh's tensor-parallel implementation (mesh.tensor_impl),
+    the train config the `prune` bindings."""
+    from lmjax.train.prune import PruneConfig
+
     mesh_config = configs.bound(MeshConfig)
     mesh, rules = mesh_config.build()
     config = configs.bound(TrainConfig)
-    return dataclasses.replace(config, model=mesh_config.configure(config.model)), mesh, rules
+    config = dataclasses.replace(config, model=mesh_config.configure(config.model),
+                                 prune=configs.bound(PruneConfig))
+    return config, mesh, rules
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -73,6 +78,14 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     config, mesh, rules = _run_parts()
     task = build_task(config, args.workdir)
+    if args.train_logits:
+        import numpy as np
+
+        logits = trainer.train_logits(task=task, config=config, mesh=mesh, rules=rules,
+                                      workdir=args.workdir)
+        with open(args.train_logits, "wb") as f:
+            np.save(f, logits)
+        return {"train_logits": args.train_logits, "examples": len(logits)}
     return trainer.evaluate_best(task=task, config=config, mesh=mesh, rules=rules,
                                  workdir=args.workdir)
 

@@ -1,11 +1,12 @@
 """Where gin meets lmjax: the config dataclasses, registered under their binding names.
 
 Gin configures the dataclasses themselves, so a binding names a field: `train.batch_size`
-is `TrainConfig.batch_size`, `mesh.data` is `MeshConfig.data`, `ps.num_workers` is
-`PSConfig.num_workers`, `GPTConfig.num_layers` is a field of the model config. Every
-model config in `lmjax.models.MODELS` is configurable under its class name, including
-ones registered later by a module that a gin file imports (`import my_model`). No other
-module of lmjax imports gin; commands turn the bindings into plain objects with `bound`.
+is `TrainConfig.batch_size`, `mesh.data` is `MeshConfig.data`, `prune.sparsity` is
+`PruneConfig.sparsity`, `ps.num_workers` is `PSConfig.num_workers`, `GPTConfig.num_layers`
+is a field of the model config. Every model config in `lmjax.models.MODELS` is
+configurable under its class name, including ones registered later by a module that a gin
+file imports (`import my_model`). No other module of lmjax imports gin; commands turn the
+bindings into plain objects with `bound`.
 """
 
 import dataclasses
@@ -16,11 +17,18 @@ import typing
 
 import gin
 
-from lmjax.data.config import ClassifyDataConfig, FinetuneConfig, LMDataConfig, PretrainDataConfig
+from lmjax.data.config import (
+    ClassifyDataConfig,
+    DistillConfig,
+    FinetuneConfig,
+    LMDataConfig,
+    PretrainDataConfig,
+)
 from lmjax.models import MODELS
 from lmjax.parallel.mesh import MeshConfig
 from lmjax.ps.config import PSConfig
 from lmjax.train.config import TrainConfig
+from lmjax.train.prune import PruneConfig
 
 BINDINGS: dict[str, type] = {
     "train": TrainConfig,
@@ -30,6 +38,8 @@ BINDINGS: dict[str, type] = {
     "classify_dataset": ClassifyDataConfig,
     "pretrain_data": PretrainDataConfig,
     "finetune": FinetuneConfig,
+    "distill": DistillConfig,
+    "prune": PruneConfig,
 }
 _CONFIGURABLE = {cls: gin.external_configurable(cls, name) for name, cls in BINDINGS.items()}
 MODELS.subscribe(lambda name, cls: gin.external_configurable(cls, name))

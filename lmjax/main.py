@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                         "bench: WORKDIR/config.gin)")
     parser.add_argument("--gin_param", action="append", default=[],
                         help="gin binding such as train.num_steps=100; repeatable")
+    parser.add_argument("--train_logits", default=None, metavar="FILE",
+                        help="eval: instead of evaluating, save the best checkpoint's logits "
+                        "on the training split to FILE (.npy; a classification run, the "
+                        "teacher of train.task = 'distill')")
     sample = parser.add_argument_group("sample")
     sample.add_argument("--prompt", default="\n", help="text to continue")
     sample.add_argument("--max_new_tokens", type=int, default=500)

@@ -124,3 +124,42 @@ def test_sentence_splitting():
     ]
     speech = "ROMEO: But soft! What light through yonder window breaks? It is the east."
     assert len(bert_data.split_sentences(speech)) == 3
+
+
+def _word_starts(seed=3):
+    """A vocabulary where about a third of the ordinary ids continue a word."""
+    starts = np.random.default_rng(seed).random(VOCAB) > 0.35
+    starts[:5] = True
+    return tuple(bool(s) for s in starts)
+
+
+def test_whole_word_masking_takes_every_piece_of_a_word(instances):
+    starts = _word_starts()
+    mask = MaskConfig(vocab_size=VOCAB, max_predictions=bert_data.pad_predictions(64),
+                      word_starts=starts)
+    chosen = candidates = 0
+    for b in bert_data.pretrain_eval_batches(instances, 64, 20, 7, mask):
+        w = b["masked_weights"].astype(bool)
+        for row in range(len(w)):
+            original = b["tokens"][row].copy()
+            picked = b["masked_positions"][row][w[row]]
+            original[picked] = b["masked_labels"][row][w[row]]
+            ordinary = original >= 5
+            word = np.cumsum(np.asarray(starts)[original] | ~ordinary)
+            masked = np.zeros(len(original), bool)
+            masked[picked] = True
+            for index in np.unique(word[ordinary]):
+                pieces = ordinary & (word == index)
+                assert masked[pieces].all() or not masked[pieces].any()
+            assert masked.sum() <= mask.max_predictions
+            chosen += masked.sum()
+            candidates += ordinary.sum()
+    # Words that would pass the budget are skipped, so a little under 15% is masked.
+    assert 0.11 < chosen / candidates <= 0.15
+
+
+def test_without_nsp_segment_b_always_continues_and_nothing_is_scored():
+    docs = _synthetic_docs(seed=2, num_docs=100)
+    inst = bert_data.make_instances(docs, [], PairConfig(max_seq_len=64, nsp=False), 0)
+    assert len(inst) > 100
+    assert not inst.nsp_labels.any() and not inst.nsp_weights.any()

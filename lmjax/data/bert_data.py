@@ -144,6 +144,9 @@ class PairConfig:
     max_seq_len: int = 128
     short_seq_prob: float = 0.1
     dupe_factor: int = 5
+    # False: segment B always continues the document and no row has an NSP label
+    # (RoBERTa drops next-sentence prediction; the MLM text is then all contiguous).
+    nsp: bool = True
 
 
 def _truncate_pair(a: list[int], b: list[int], max_tokens: int, rng) -> None:
@@ -177,7 +180,7 @@ def _document_pairs(docs, index: int, config: PairConfig, rng) -> list[tuple]:
         chunk.append(doc[i])
         length += len(doc[i])
         if i == len(doc) - 1 or length >= target:
-            is_random = rng.random() < 0.5 and len(docs) > 1
+            is_random = config.nsp and rng.random() < 0.5 and len(docs) > 1
             if len(chunk) == 1 and i + 1 < len(doc):
                 i += 1  # a real next segment needs two sentences: take the next one too
                 chunk.append(doc[i])
@@ -237,7 +240,8 @@ def make_instances(docs: list[list[np.ndarray]], sentences: list[np.ndarray],
     for _ in range(config.dupe_factor):
         for index in rng.permutation(len(docs)):
             for a, b, is_random in _document_pairs(docs, int(index), config, rng):
-                rows.append((*_pack(a, b, config.max_seq_len), int(is_random), 1.0))
+                rows.append((*_pack(a, b, config.max_seq_len), int(is_random),
+                             float(config.nsp)))
     rows += [(*_pack(chunk, None, config.max_seq_len), 0, 0.0)
              for chunk in _chunks(sentences, config.max_seq_len - 2)]
     if not rows:
@@ -271,6 +275,30 @@ class MaskConfig:
     mask_prob: float = 0.15
     max_predictions: int = 20
     mask_id: int = MASK
+    # Whole-word masking: ids whose piece starts a word (sentencepiece's "\u2581"); the
+    # pieces of a word are masked together. None: pieces are drawn one by one.
+    word_starts: tuple[bool, ...] | None = None
+
+
+def _whole_words(tokens, candidate, draws, word_starts, wanted):
+    """(positions in masking order, whether each one's whole word fits in `wanted`).
+
+    A word is a piece that starts one (sentencepiece's "\u2581") and the continuation
+    pieces after it; all its pieces share the draw of its first piece, so they come out
+    together, and a word is masked only if all of its pieces fit (as BERT's whole-word
+    masking skips a word that would pass the prediction budget)."""
+    rows, length = tokens.shape
+    index = np.broadcast_to(np.arange(length), tokens.shape)
+    starts = np.asarray(word_starts)[tokens] | ~candidate
+    starts[:, 0] = True
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    keys = np.where(candidate, np.take_along_axis(draws, first, 1), np.inf)
+    order = np.lexsort((index, keys), axis=1)
+    word = np.take_along_axis(first, order, 1)
+    is_last = np.ones((rows, length), bool)
+    is_last[:, :-1] = word[:, :-1] != word[:, 1:]
+    last = np.minimum.accumulate(np.where(is_last, index, length)[:, ::-1], axis=1)[:, ::-1]
+    return order, last < wanted[:, None]
 
 
 def mask_batch(batch: dict, rng: np.random.Generator, config: MaskConfig) -> dict:
@@ -282,9 +310,15 @@ def mask_batch(batch: dict, rng: np.random.Generator, config: MaskConfig) -> dic
     wanted = np.minimum(config.max_predictions,
                         np.maximum(1, np.floor(count * config.mask_prob + 0.5))).astype(int)
     wanted = np.minimum(wanted, count)
-    scores = np.where(candidate, rng.random((rows, length)), np.inf)
-    positions = np.argsort(scores, axis=1, kind="stable")[:, : config.max_predictions]
-    weights = np.arange(positions.shape[1])[None] < wanted[:, None]
+    draws = rng.random((rows, length))
+    if config.word_starts is None:
+        order = np.argsort(np.where(candidate, draws, np.inf), axis=1, kind="stable")
+        fits = np.ones(order.shape, bool)
+    else:
+        order, fits = _whole_words(tokens, candidate, draws, config.word_starts, wanted)
+    positions = order[:, : config.max_predictions]
+    weights = (np.arange(positions.shape[1])[None] < wanted[:, None]) & \
+        fits[:, : config.max_predictions]
     positions = np.where(weights, positions, 0).astype(np.int32)
     labels = np.where(weights, np.take_along_axis(tokens, positions, 1), 0).astype(np.int32)
     action = rng.random(positions.shape)
@@ -346,6 +380,7 @@ def load_pretrain_data(
     sources: tuple[str, ...] = ("wikitext2", "tiny_shakespeare", "sst2"),
     vocab_size: int = 8000,
     pairs: PairConfig = PairConfig(),
+    whole_word_mask: bool = False,
     seed: int = 12345,
     limit: int | None = None,
     tfds_dir: str | None = None,
@@ -362,6 +397,9 @@ def load_pretrain_data(
                                 [tok.encode(s) for s in train.sentences], pairs, seed)
     eval_rows = make_instances(encode_docs(held.documents), [],
                                dataclasses.replace(pairs, dupe_factor=1), seed + 1)
+    starts = None
+    if whole_word_mask:
+        starts = tuple(tok.id_to_piece(i).startswith("\u2581") for i in range(tok.vocab_size))
     mask = MaskConfig(vocab_size=tok.vocab_size, special_ids=tuple(tok.special_ids.tolist()),
-                      max_predictions=pad_predictions(pairs.max_seq_len))
+                      max_predictions=pad_predictions(pairs.max_seq_len), word_starts=starts)
     return PretrainData(tok, train_rows, eval_rows, mask)

@@ -1,5 +1,5 @@
-"""Data configurations; gin binds them as `dataset`, `classify_dataset`, `pretrain_data`
-and `finetune` (for example `dataset.name = 'tiny_shakespeare'`)."""
+"""Data configurations; gin binds them as `dataset`, `classify_dataset`, `pretrain_data`,
+`finetune` and `distill` (for example `dataset.name = 'tiny_shakespeare'`)."""
 
 import dataclasses
 
@@ -37,6 +37,8 @@ class PretrainDataConfig:
     max_seq_len: int = 128
     short_seq_prob: float = 0.1
     dupe_factor: int = 5
+    nsp: bool = True  # next-sentence prediction; False: contiguous segments, MLM only
+    whole_word_mask: bool = False  # mask all pieces of a word together
     seed: int = 12345
     limit: int | None = None  # first documents of each source only (tests)
     tfds_dir: str | None = None
@@ -55,3 +57,13 @@ class FinetuneConfig:
     max_length: int = 64
     limit: int | None = None  # first training sentences only (tests)
     tfds_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """A teacher for `train.task = 'distill'` (lmjax/train/distill.py); the student's data
+    are the `classify_dataset` bindings."""
+
+    teacher_workdir: str | None = None  # a trained `classify` or `bert_finetune` run
+    temperature: float = 2.0  # T: both sides' logits are divided by it in the soft term
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the labels

@@ -35,12 +35,18 @@ def pretrain_sums(logits, nsp_logits, batch) -> dict:
 
 
 def pretrain_metrics(sums: dict) -> dict:
-    """loss = MLM loss + NSP loss (both means over their scored items), and accuracies."""
-    mlm_count, nsp_count = max(float(sums["mlm_count"]), 1.0), max(float(sums["nsp_count"]), 1.0)
-    mlm_loss, nsp_loss = float(sums["mlm_loss"]) / mlm_count, float(sums["nsp_loss"]) / nsp_count
-    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
-            "mlm_accuracy": float(sums["mlm_correct"]) / mlm_count,
-            "nsp_accuracy": float(sums["nsp_correct"]) / nsp_count}
+    """loss = MLM loss + NSP loss (both means over their scored items), and accuracies; no
+    NSP figures when nothing was scored for it (pretrain_data.nsp = False)."""
+    mlm_count = max(float(sums["mlm_count"]), 1.0)
+    mlm_loss = float(sums["mlm_loss"]) / mlm_count
+    out = {"loss": mlm_loss, "mlm_loss": mlm_loss,
+           "mlm_accuracy": float(sums["mlm_correct"]) / mlm_count}
+    if float(sums["nsp_count"]) > 0:
+        nsp_count = float(sums["nsp_count"])
+        out["nsp_loss"] = float(sums["nsp_loss"]) / nsp_count
+        out["nsp_accuracy"] = float(sums["nsp_correct"]) / nsp_count
+        out["loss"] += out["nsp_loss"]
+    return out
 
 
 class BertPretrainTask(Task):

@@ -37,6 +37,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 1337
     optimizer: str = "adamw"  # a name in lmjax.train.optim.OPTIMIZERS
+    # Magnitude pruning (lmjax/train/prune.py); the CLI fills it from the `prune` bindings.
+    prune: Any = None
 
     @property
     def eval_rows(self) -> int:
@@ -74,6 +76,8 @@ class TrainConfig:
                     f"{self.pipeline_microbatches}; change train.pipeline_microbatches, "
                     "train.batch_size, train.microbatches or train.eval_batch_size")
         self._check_pipeline(stages)
+        if self.prune is not None:
+            self.prune.validate(self.num_steps)
 
     def _check_pipeline(self, stages: int) -> None:
         if stages == 1 and self.pipeline_microbatches == 1:

@@ -1,7 +1,7 @@
 """`TASKS`: `train.task` name -> how to build that task with its data.
 
 A builder reads one data config (gin binds it under its own name: `dataset`,
-`classify_dataset`, `pretrain_data`, `finetune`), loads the data, gives the model config
+`classify_dataset`, `pretrain_data`, `finetune`, `distill`), loads the data, gives the model config
 the sizes the data decides (vocabulary, classes) and returns the task. The tokenizer is
 saved to (or reused from) WORKDIR/tokenizer, so a resumed run, `eval`, `sample` and
 `serve` encode exactly as training did.
@@ -13,10 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 from lmjax.data import bert_data, pipelines
-from lmjax.data.config import ClassifyDataConfig, FinetuneConfig, LMDataConfig, PretrainDataConfig
+from lmjax.data.config import (
+    ClassifyDataConfig,
+    DistillConfig,
+    FinetuneConfig,
+    LMDataConfig,
+    PretrainDataConfig,
+)
 from lmjax.models import BertConfig
 from lmjax.registry import Registry
-from lmjax.train import bert_tasks, tasks
+from lmjax.train import bert_tasks, distill, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +55,27 @@ def _stream(model, config: LMDataConfig, workdir: str) -> tasks.Task:
     return tasks.StreamLMTask(model, data)
 
 
-def _classify(model, config: ClassifyDataConfig, workdir: str) -> tasks.Task:
+def _classification(model, config: ClassifyDataConfig, workdir: str):
+    """(model config with the data's sizes, classification data)."""
     data = pipelines.load_classification_data(**dataclasses.asdict(config),
                                               tokenizer_dir=tokenizer_dir(workdir))
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
                                 num_classes=data.num_classes)
-    return tasks.ClassifyTask(model, data)
+    return model, data
+
+
+def _classify(model, config: ClassifyDataConfig, workdir: str) -> tasks.Task:
+    return tasks.ClassifyTask(*_classification(model, config, workdir))
+
+
+def _distill(model, config: DistillConfig, workdir: str) -> tasks.Task:
+    """The student of `train.model` on the `classify_dataset` data, taught by the run in
+    `distill.teacher_workdir`."""
+    from lmjax import configs  # the student's data bindings
+
+    teacher = distill.teacher_logits(config.teacher_workdir, workdir)
+    model, data = _classification(model, configs.bound(ClassifyDataConfig), workdir)
+    return distill.DistillTask(model, data, teacher, config.temperature, config.alpha)
 
 
 def _require_bert(model, task: str) -> None:
@@ -65,9 +86,11 @@ def _require_bert(model, task: str) -> None:
 
 def _bert_pretrain(model, config: PretrainDataConfig, workdir: str) -> tasks.Task:
     _require_bert(model, "bert_pretrain")
-    pairs = bert_data.PairConfig(config.max_seq_len, config.short_seq_prob, config.dupe_factor)
+    pairs = bert_data.PairConfig(config.max_seq_len, config.short_seq_prob, config.dupe_factor,
+                                 config.nsp)
     data = bert_data.load_pretrain_data(
         sources=tuple(config.sources), vocab_size=config.vocab_size, pairs=pairs,
+        whole_word_mask=config.whole_word_mask,
         seed=config.seed, limit=config.limit, tfds_dir=config.tfds_dir,
         tokenizer_dir=tokenizer_dir(workdir))
     length = data.train.tokens.shape[1]
@@ -92,5 +115,6 @@ def _bert_finetune(model, config: FinetuneConfig, workdir: str) -> tasks.Task:
 TASKS.register("lm")(TaskBuilder(LMDataConfig, _lm))
 TASKS.register("lm_stream")(TaskBuilder(LMDataConfig, _stream))
 TASKS.register("classify")(TaskBuilder(ClassifyDataConfig, _classify))
+TASKS.register("distill")(TaskBuilder(DistillConfig, _distill))
 TASKS.register("bert_pretrain")(TaskBuilder(PretrainDataConfig, _bert_pretrain))
 TASKS.register("bert_finetune")(TaskBuilder(FinetuneConfig, _bert_finetune))

@@ -165,6 +165,10 @@ class ClassifyTask(Task):
         return self.model.apply({"params": params}, batch["inputs"], batch["mask"],
                                 deterministic=deterministic, rngs=_rngs(rng))
 
+    def logits(self, params, batch):
+        """(batch, classes) logits of the deterministic model."""
+        return self._logits(params, batch, None, True)
+
     def loss(self, params, batch, carry, rng, deterministic):
         logits = self._logits(params, batch, rng, deterministic)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])

@@ -8,21 +8,23 @@ import time
 
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
+from lmjax.data.pipelines import classification_eval_batches
 from lmjax.errors import RunError
 from lmjax.parallel import pipeline
 from lmjax.parallel.distributed import loading_for
 from lmjax.parallel.mesh import batch_parallelism, batch_sharding, stacked_sharding, to_global
-from lmjax.train import optim
+from lmjax.train import optim, prune
 from lmjax.train.checkpoint import Checkpointer, as_abstract, best_params
 from lmjax.train.config import TrainConfig
 from lmjax.train.metrics import MetricWriter, NullWriter
 from lmjax.train.state import TrainState, abstract_params, create_state, state_shardings
 from lmjax.train.step import train_step
-from lmjax.train.tasks import Task, evaluate
+from lmjax.train.tasks import ClassifyTask, Task, evaluate
 
 
 class NonFiniteLossError(RunError, FloatingPointError):
@@ -49,6 +51,8 @@ def make_optimizer(config: TrainConfig):
     tx = optim.OPTIMIZERS.get(config.optimizer)(
         schedule, beta1=config.beta1, beta2=config.beta2, weight_decay=config.weight_decay,
         grad_clip=config.grad_clip)
+    if config.prune is not None and config.prune.enabled:
+        tx = optax.chain(tx, prune.magnitude_pruning(config.prune, config.num_steps))
     return tx, schedule
 
 
@@ -189,6 +193,8 @@ def _eval_record(run: _Run, state, meta, step) -> tuple[dict, dict]:
     setup = run.setup
     metrics = evaluate(setup.task, setup.eval_fn, state.params, run.evals, run.config.eval_rows,
                        setup.batch_sharding)
+    if run.config.prune is not None and run.config.prune.enabled:
+        metrics["sparsity"] = prune.kernel_sparsity(state.params)
     loss = metrics["loss"]
     if meta["best_eval_loss"] is None or loss < meta["best_eval_loss"]:
         meta = {**meta, "best_eval_loss": loss, "best_step": step}
@@ -321,3 +327,23 @@ def evaluate_best(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir
     print(f"eval: step {step}, loss {metrics['loss']:.4f}{_format_extra(metrics)} over "
           f"{len(evals)} batches")
     return {"step": step, "split": "eval", **metrics}
+
+
+def train_logits(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str
+                 ) -> np.ndarray:
+    """The best checkpoint's logits on every training example, in the split's stored order
+    (what distillation reads; lmjax/train/distill.py). One process."""
+    if not isinstance(task, ClassifyTask) or jax.process_count() > 1:
+        raise ValueError("--train_logits needs a classification run (train.task = 'classify' "
+                         "or 'bert_finetune') in one process")
+    abstract = abstract_params(task, mesh, rules)
+    rows = config.eval_rows
+    batches = classification_eval_batches(task.data.train, rows, len(task.data.train))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params, step = best_params(workdir, abstract)
+        logits_fn = jax.jit(task.logits, in_shardings=(
+            jax.tree.map(lambda x: x.sharding, abstract), batch_sharding(mesh)))
+        out = [np.asarray(logits_fn(params, batch))
+               for batch in tqdm(batches, desc="train logits", unit="batch")]
+    print(f"train logits: step {step}, {len(task.data.train)} examples")
+    return np.concatenate(out)[: len(task.data.train)]
