@@ -96,3 +96,13 @@ def test_non_finite_loss_inside_a_call_names_its_step():
     pending[1][1]["loss"][1] = 1.5
     steps = trainer._check_finite(pending)
     assert [float(m["loss"]) for m in steps] == [2.0, 2.0, 1.5, 2.0]
+
+
+def test_linear_schedule_warms_up_then_decays_linearly():
+    schedule = optim.warmup_linear(1e-3, 0.0, 10, 110)
+    assert float(schedule(0)) == pytest.approx(1e-3 / 11)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(60)) == pytest.approx(5e-4)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="train.lr_decay"):
+        TrainConfig(model=MODEL, lr_decay="step").validate(1)

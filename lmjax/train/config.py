@@ -16,6 +16,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int | None = None  # defaults to num_steps
+    lr_decay: str = "cosine"  # after warmup, down to min_lr at decay_steps; or "linear"
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 0.1
@@ -75,6 +76,9 @@ class TrainConfig:
                     f"replica, which do not split into train.pipeline_microbatches="
                     f"{self.pipeline_microbatches}; change train.pipeline_microbatches, "
                     "train.batch_size, train.microbatches or train.eval_batch_size")
+        if self.lr_decay not in ("cosine", "linear"):
+            raise ValueError(f"unknown train.lr_decay {self.lr_decay!r}; use 'cosine' or "
+                             "'linear'")
         self._check_pipeline(stages)
         if self.prune is not None:
             self.prune.validate(self.num_steps)

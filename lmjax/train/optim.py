@@ -30,6 +30,24 @@ def warmup_cosine(
     return schedule
 
 
+def warmup_linear(
+    peak: float, min_lr: float, warmup_steps: int, decay_steps: int
+) -> optax.Schedule:
+    """BERT's schedule: linear warmup to `peak`, then linear decay to `min_lr` at
+    `decay_steps` (Devlin et al. decay to 0)."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * (step + 1) / (warmup_steps + 1)
+        ratio = jnp.clip((step - warmup_steps) / max(decay_steps - warmup_steps, 1), 0.0, 1.0)
+        return jnp.where(step < warmup_steps, warm, peak + ratio * (min_lr - peak))
+
+    return schedule
+
+
+SCHEDULES = {"cosine": warmup_cosine, "linear": warmup_linear}
+
+
 def decay_mask(params):
     """Weight decay on matrices only: kernels and embeddings, not biases or norm scales."""
 

@@ -46,8 +46,9 @@ class Setup:
 
 def make_optimizer(config: TrainConfig):
     """(optax transformation, schedule) of `config` (optimiser from optim.OPTIMIZERS)."""
-    schedule = optim.warmup_cosine(config.learning_rate, config.min_lr, config.warmup_steps,
-                                   config.decay_steps or config.num_steps)
+    schedule = optim.SCHEDULES[config.lr_decay](config.learning_rate, config.min_lr,
+                                                config.warmup_steps,
+                                                config.decay_steps or config.num_steps)
     tx = optim.OPTIMIZERS.get(config.optimizer)(
         schedule, beta1=config.beta1, beta2=config.beta2, weight_decay=config.weight_decay,
         grad_clip=config.grad_clip)
