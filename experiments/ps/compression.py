@@ -267,10 +267,11 @@ def acceptance(results: dict) -> list[str]:
                 if r["policy"] == policy}
         ef, plain = rows[("topk", True)], rows[("topk", False)]
         holds = ef["push_ratio"] >= 20 and abs(ef["loss_gap"]) <= 0.05
+        without = ("the run diverged" if diverged(plain["held_out_loss"])
+                   else f"the gap is {plain['loss_gap']:+.1%}")
         out.append(f"{policy}: top-k 1% + EF moves {ef['push_ratio']:.1f}x fewer push bytes "
                    f"than none, held-out loss {ef['loss_gap']:+.1%} against none: "
-                   f"{'holds' if holds else 'does not hold'}; without EF the gap is "
-                   f"{plain['loss_gap']:+.1%}.")
+                   f"{'holds' if holds else 'does not hold'}; without EF {without}.")
     dense, rows = results["sparse"]
     ratio = ((dense["push_bytes_per_gradient"] + dense["pull_bytes_per_gradient"])
              / (rows["push_bytes_per_gradient"] + rows["pull_bytes_per_gradient"]))
