@@ -301,8 +301,9 @@ def plot(results: dict, path: str) -> None:
                 ("none", False), ("topk", True), ("topk", False), ("sign", True)):
             curve = np.convolve(r["curve"], np.ones(50) / 50, mode="valid")
             axes[1].plot(curve, label=codec_name(r))
-    axes[1].set(xlabel="update (async: one gradient each)",
-                ylabel="training loss (mean of 50 updates)", title="async runs")
+    axes[1].set(xlabel="update (async: one gradient each)", ylim=(2.0, 4.5),
+                ylabel="training loss (mean of 50 updates)",
+                title="async runs (a diverging run leaves the top)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
