@@ -14,7 +14,6 @@ import os
 import tempfile
 
 from lmjax import configs
-from lmjax.data.config import LMDataConfig
 from lmjax.errors import RunError
 from lmjax.parallel.mesh import MeshConfig
 from lmjax.ps.config import PSConfig
@@ -131,9 +130,12 @@ def serve(args: argparse.Namespace) -> None:
 
 def ps(args: argparse.Namespace) -> dict:
     from lmjax.ps.run import run_ps
+    from lmjax.train.registry import TASKS
 
-    return run_ps(workdir=args.workdir, config=configs.bound(PSConfig),
-                  data_config=configs.bound(LMDataConfig), overwrite=args.overwrite,
+    config = configs.bound(PSConfig)
+    data_config = configs.bound(TASKS.get(config.task).data)
+    return run_ps(workdir=args.workdir, config=config, data_config=data_config,
+                  overwrite=args.overwrite,
                   on_ready=lambda: write_config(args.workdir))
 
 

@@ -11,6 +11,7 @@ from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
 from lmjax.ps.inproc import run_inproc
 from lmjax.ps.worker import initial_params, make_grad_fn
+from lmjax.train.tasks import LMTask
 
 TINY = GPTConfig(vocab_size=65, num_layers=2, num_heads=2, embed_dim=32, block_size=32)
 # For the many-seed policy checks: gradients cost about a millisecond.
@@ -25,7 +26,7 @@ def data():
 
 
 def test_shards_are_contiguous_balanced_key_ranges():
-    shapes = {k: v.shape for k, v in initial_params(TINY, 0).items()}
+    shapes = {k: v.shape for k, v in initial_params(LMTask(TINY), 0).items()}
     for count in (1, 2, 3, len(shapes)):
         plan = sharding.plan_shards(shapes, count)
         assert [n for names in plan.names for n in names] == sorted(shapes)
@@ -41,9 +42,10 @@ def reference_params(data, model_config, batch_size, steps, tx, seed=0):
     """Plain single-process training with the combined batch of all workers."""
     from lmjax.data.pipelines import window_batches
 
-    params = sharding.unflatten(initial_params(model_config, seed))
+    task = LMTask(model_config)
+    params = sharding.unflatten(initial_params(task, seed))
     opt_state = tx.init(params)
-    grad_fn = make_grad_fn(model_config)
+    grad_fn = make_grad_fn(task)
     batches = window_batches(data.train, model_config.block_size, batch_size, seed)
     losses = []
     for step in range(steps):

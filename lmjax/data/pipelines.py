@@ -50,6 +50,11 @@ def process_batches(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset
     return ds.batch(global_batch // count, drop_remainder=True)[index::count]
 
 
+def window_examples(tokens: np.ndarray, length: int) -> grain.MapDataset:
+    """Every window as {"inputs", "targets"} (length each), in stream order."""
+    return grain.MapDataset.source(Windows(tokens, length)).map(_split_pair)
+
+
 def window_batches(tokens: np.ndarray, length: int, global_batch: int, seed: int):
     """Endless grain MapDataset of this process's share of each global batch of windows."""
     ds = grain.MapDataset.source(Windows(tokens, length)).shuffle(seed=seed).repeat()

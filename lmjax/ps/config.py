@@ -9,7 +9,8 @@ class PSConfig:
     """One parameter-server run (gin: `ps.num_workers = 4`). `num_workers` counts every
     worker, backups included."""
 
-    model: Any = None  # a language-model config, e.g. GPTConfig() (lmjax.models.MODELS)
+    model: Any = None  # a model config, e.g. GPTConfig() or CBoWConfig() (lmjax.models.MODELS)
+    task: str = "lm"  # what the workers train: lm or classify (lmjax/train/registry.py)
     transport: str = "inproc"  # or "jax_distributed"
     num_servers: int = 1
     num_workers: int = 2
@@ -27,6 +28,16 @@ class PSConfig:
     compression_fraction: float = 0.01  # topk, randk: fraction of each gradient's entries
     qsgd_levels: int = 127  # qsgd: s, levels per sign (127 fits int8, up to 32767 int16)
     error_feedback: bool = False  # add what compression dropped to the next push
+    # Pull caching and filtering (lmjax/ps/pull.py). A worker keeps its last copy of every
+    # shard and pulls a shard again only once its version moved by pull_every_versions
+    # (async and ssp; 1: whenever it moved at all).
+    pull_every_versions: int = 1
+    # > 0: a pull sends only the entries that moved by more than this since the worker's
+    # copy, the significantly-modified filter of Li et al. 2014 (inproc transport).
+    pull_filter_threshold: float = 0.0
+    # Embedding tables move as rows: a push carries the rows its batches touched, a pull
+    # the rows of the worker's next batch (lmjax/ps/sparse.py; inproc transport).
+    sparse_keys: bool = False
     num_updates: int = 60
     batch_size: int = 8  # per worker and step
     optimizer: str = "adam"  # sgd, momentum, adam, adagrad (lmjax/ps/server.py)
@@ -63,7 +74,7 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
                              f"{', '.join(names)}")
     positive = ("num_servers", "num_workers", "softsync_n", "n_fetch", "n_push", "num_updates",
                 "batch_size", "checkpoint_every", "heartbeat_timeout", "join_timeout",
-                "max_pushes_per_version")
+                "max_pushes_per_version", "pull_every_versions")
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"ps.{name} must be positive, got {getattr(config, name)}")
@@ -89,6 +100,7 @@ def validate(config: PSConfig, num_leaves: int, known: dict[str, list[str]]) -> 
                          f"the {per_fetch} pushes a worker makes between two pulls (n_fetch / "
                          "n_push); raise it")
     _validate_compression(config)
+    _validate_pulls(config)
     if len(config.slowdown) > config.num_workers or any(f <= 0 for f in config.slowdown):
         raise ValueError(f"ps.slowdown {config.slowdown} needs at most num_workers positive "
                          "factors")
@@ -108,6 +120,29 @@ def _validate_compression(config: PSConfig) -> None:
     if config.error_feedback and config.compression == "none":
         raise ValueError("ps.error_feedback=True does nothing with ps.compression='none' "
                          "(nothing is dropped); pick a codec or turn error feedback off")
+
+
+POLICIES_THAT_SKIP_VERSIONS = ("async", "ssp")
+
+
+def _validate_pulls(config: PSConfig) -> None:
+    if not 0 <= config.pull_filter_threshold < float("inf"):
+        raise ValueError(f"ps.pull_filter_threshold must be a finite number >= 0 (0: pull "
+                         f"every changed shard whole), got {config.pull_filter_threshold}")
+    if config.pull_every_versions > 1 and config.policy not in POLICIES_THAT_SKIP_VERSIONS:
+        raise ValueError(f"ps.pull_every_versions={config.pull_every_versions} needs an "
+                         f"asynchronous policy ({', '.join(POLICIES_THAT_SKIP_VERSIONS)}): "
+                         f"under {config.policy!r} a gradient of an old version is dropped")
+    inproc_only = {"pull_filter_threshold": config.pull_filter_threshold > 0,
+                   "sparse_keys": config.sparse_keys}
+    for name, used in inproc_only.items():
+        if used and config.transport != "inproc":
+            raise ValueError(f"ps.{name} runs on the inproc transport only: the key-value "
+                             "store has no per-worker replies to carry a filtered pull or "
+                             "rows; use ps.transport='inproc'")
+    if config.sparse_keys and (config.n_fetch, config.pull_every_versions) != (1, 1):
+        raise ValueError("ps.sparse_keys pulls the rows of each next batch before it is "
+                         "computed: it needs ps.n_fetch=1 and ps.pull_every_versions=1")
 
 
 def parse_fault(fault: str, config: PSConfig) -> tuple[str, int, int]:

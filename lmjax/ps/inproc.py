@@ -15,12 +15,11 @@ import itertools
 import numpy as np
 from tqdm import tqdm
 
-from lmjax.data.pipelines import LMData
 from lmjax.ps import sharding
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import make_policy
 from lmjax.ps.server import ServerCore
-from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, worker_batches
+from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, make_task, worker_batches
 from lmjax.registry import Registry
 from lmjax.train.metrics import MetricWriter
 
@@ -51,20 +50,22 @@ class Result:
 class Simulation:
     """Servers, workers and an event queue of (time, order, kind, worker)."""
 
-    def __init__(self, config: PSConfig, data: LMData):
-        self.config = config
+    def __init__(self, config: PSConfig, data):
+        """`data`: the data of ps.task (LMData for 'lm', ClassificationData for 'classify')."""
+        self.task = make_task(config, data)
+        self.config = config = dataclasses.replace(config, model=self.task.config)
         policy = make_policy(config)
-        model_config = config.model
-        params = initial_params(model_config, config.seed)
+        params = initial_params(self.task, config.seed)
         self.plan = sharding.plan_shards({k: v.shape for k, v in params.items()},
                                          config.num_servers)
         self.servers = [ServerCore(k, part, config, policy)
                         for k, part in enumerate(self.plan.split(params))]
-        grad_fn = make_grad_fn(model_config)
+        grad_fn = make_grad_fn(self.task)
+        examples = self.task.train_examples()
         self.workers = [
             WorkerCore(w, config, policy, self.plan, grad_fn,
-                       worker_batches(data.train, model_config.block_size, config.batch_size,
-                                      config.num_workers, w, config.seed))
+                       worker_batches(examples, config.batch_size, config.num_workers, w,
+                                      config.seed))
             for w in range(config.num_workers)]
         self.rngs = [np.random.default_rng([config.seed, w]) for w in range(config.num_workers)]
         self.queue: list = []
@@ -138,7 +139,7 @@ class Simulation:
                 for w, worker in enumerate(self.workers)]
 
 
-def run_inproc(*, workdir: str | None, config: PSConfig, data: LMData) -> Result:
+def run_inproc(*, workdir: str | None, config: PSConfig, data) -> Result:
     """Runs the whole parameter server in virtual time; writes DIR/metrics.jsonl if workdir."""
     writer = MetricWriter(workdir, resume_step=0) if workdir else None
     try:

@@ -12,8 +12,6 @@ import time
 import jax
 import numpy as np
 
-from lmjax.data.config import LMDataConfig
-from lmjax.data.pipelines import load_lm_data
 from lmjax.models import MODELS
 from lmjax.ps import sharding
 from lmjax.ps.codecs import make_codec
@@ -31,6 +29,7 @@ from lmjax.ps.server import ServerCheckpoints, ServerCore
 from lmjax.ps.worker import WorkerCore, initial_params, make_grad_fn, worker_batches
 from lmjax.registry import Registry
 from lmjax.train.metrics import MetricWriter
+from lmjax.train.registry import TASKS
 
 HOLE_SECONDS = 5.0  # a claimed slot no one reported dead, left empty this long, is skipped
 FAULT_WAIT_SECONDS = 60  # a shard at a fault's update waits this long for the supervisor
@@ -45,12 +44,12 @@ class RunSpec:
     workdir: str
     model: dict  # {"name": a name in lmjax.models.MODELS, "fields": its config's fields}
     config: dict  # the PSConfig's other fields
-    dataset: dict  # the LMDataConfig's fields
+    dataset: dict  # the fields of ps.task's data config (LMDataConfig for 'lm')
     coordinator: str  # host:port
     bench: bool = False  # lmjax/ps/bench.py: measure raw KV transfers, then no-compute updates
 
     @classmethod
-    def create(cls, workdir: str, config: PSConfig, data_config: LMDataConfig,
+    def create(cls, workdir: str, config: PSConfig, data_config,
                coordinator: str, bench: bool = False) -> "RunSpec":
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         model = fields.pop("model")
@@ -68,8 +67,13 @@ class RunSpec:
         return PSConfig(model=self.model_config, **fields)
 
     @property
-    def data_config(self) -> LMDataConfig:
-        return LMDataConfig(**self.dataset)
+    def data_config(self):
+        return TASKS.get(self.config["task"]).data(**self.dataset)
+
+    def task(self):
+        """ps.task's Task through the registry; its data loads here (the tokenizer comes
+        from WORKDIR/tokenizer, saved by the launcher)."""
+        return TASKS.get(self.ps.task).build(self.model_config, self.data_config, self.workdir)
 
     @property
     def num_processes(self) -> int:
@@ -93,8 +97,8 @@ def role_of(process_id: int, config: PSConfig) -> tuple[str, int]:
     return "worker", process_id - 1 - config.num_servers
 
 
-def _plan(spec: RunSpec):
-    params = initial_params(spec.model_config, spec.ps.seed)
+def _plan(spec: RunSpec, task):
+    params = initial_params(task, spec.ps.seed)
     plan = sharding.plan_shards({k: v.shape for k, v in params.items()}, spec.ps.num_servers)
     return params, plan
 
@@ -106,7 +110,7 @@ ROLES: Registry = Registry("role")
 def run_server(spec: RunSpec, shard: int, store: SignedStore, incarnation: int = 0) -> None:
     del incarnation  # a restarted shard goes on from its checkpoint
     config = spec.ps
-    params, plan = _plan(spec)
+    params, plan = _plan(spec, spec.task())
     core = ServerCore(shard, plan.split(params)[shard], config, make_policy(config))
     checkpoints = ServerCheckpoints(spec.workdir, shard)
     publisher = ShardPublisher(store, plan, shard, make_codec(config))
@@ -246,19 +250,18 @@ def _abandoned(publisher, store: SignedStore, state: dict, now: float) -> bool:
 @ROLES.register("worker")
 def run_worker(spec: RunSpec, index: int, store: SignedStore, incarnation: int = 0) -> None:
     config = spec.ps
-    _, plan = _plan(spec)
-    data = load_lm_data(**dataclasses.asdict(spec.data_config),
-                        tokenizer_dir=os.path.join(spec.workdir, "tokenizer"))
+    task = spec.task()
+    _, plan = _plan(spec, task)
     shards = [ShardClient(store, plan, k, owner=(index, incarnation))
               for k in range(config.num_servers)]
     first = shards[0].status()[0]
-    grad_fn = echo_grads if spec.bench else make_grad_fn(spec.model_config)
+    grad_fn = echo_grads if spec.bench else make_grad_fn(task)
     core = WorkerCore(index, config, make_policy(config), plan, grad_fn,
-                      worker_batches(data.train, spec.model_config.block_size,
-                                     config.batch_size, config.num_workers, index, config.seed),
+                      worker_batches(task.train_examples(), config.batch_size,
+                                     config.num_workers, index, config.seed),
                       clock=first.clocks[index])  # a restarted worker goes on from its clock
     # Compile before the start, so a slow compile does not make the first gradient stale.
-    jax.block_until_ready(grad_fn(sharding.unflatten(initial_params(spec.model_config, 0)),
+    jax.block_until_ready(grad_fn(sharding.unflatten(initial_params(task, 0)),
                                   core.batches[core.clock]))
     store.set(f"ps/ready/worker{index}", "1")
     for other in range(config.num_workers):  # start together (a restarted worker passes)
@@ -271,9 +274,11 @@ def run_worker(spec: RunSpec, index: int, store: SignedStore, incarnation: int =
             idle += time.time() - waited
             if statuses is None:
                 break
-            parts = [s.pull(st.version) for s, st in zip(shards, statuses, strict=True)]
-            if any(p is None for p in parts):  # a newer version replaced it meanwhile
-                continue
+            due = [core.pull_due(k, st) for k, st in enumerate(statuses)]
+            parts = [s.pull(st.version) if d else None
+                     for s, st, d in zip(shards, statuses, due, strict=True)]
+            if any(d and p is None for d, p in zip(due, parts, strict=True)):
+                continue  # a newer version replaced it meanwhile
             core.take(parts, statuses)
         elif shards[0].status()[0].done:
             break
@@ -301,7 +306,7 @@ def raw_phase(spec: RunSpec, role: str, client) -> None:
     rounds = spec.ps.num_updates
     # The very bytes the parameter server moves: the initial parameters, in plan order
     # (the store compresses, so random bytes would not compare).
-    params = initial_params(spec.model_config, spec.ps.seed)
+    params = initial_params(spec.task(), spec.ps.seed)
     payload = encode_arrays(sorted(params), params)
     size = len(payload)
     if role == "server":

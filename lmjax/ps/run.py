@@ -5,25 +5,25 @@ import json
 import os
 import shutil
 
-from lmjax.data.config import LMDataConfig
-from lmjax.data.pipelines import LMData, load_lm_data
 from lmjax.ps import config as ps_config
+from lmjax.ps import sparse
 from lmjax.ps.codecs import CODECS
 from lmjax.ps.inproc import DELAYS, run_inproc
 from lmjax.ps.policies import POLICIES
 from lmjax.ps.server import LR_SCALINGS
-from lmjax.ps.worker import param_shapes
+from lmjax.ps.worker import task_shapes
 from lmjax.registry import Registry
 from lmjax.train.optim import OPTIMIZERS
+from lmjax.train.registry import TASKS
+from lmjax.train.tasks import LMTask, Task
 
 TRANSPORTS: Registry = Registry("transport")
 
 
 @TRANSPORTS.register("inproc")
-def _inproc(*, workdir: str, config: ps_config.PSConfig, data: LMData,
-            data_config: LMDataConfig) -> dict:
+def _inproc(*, workdir: str, config: ps_config.PSConfig, task: Task, data_config) -> dict:
     del data_config
-    result = run_inproc(workdir=workdir, config=config, data=data)
+    result = run_inproc(workdir=workdir, config=config, data=task.data)
     train = [r for r in result.records if r["split"] == "train"]
     summary = {"updates": len(train), "loss": train[-1]["loss"] if train else None,
                "virtual_time": train[-1]["time"] if train else 0.0}
@@ -33,9 +33,9 @@ def _inproc(*, workdir: str, config: ps_config.PSConfig, data: LMData,
 
 
 @TRANSPORTS.register("jax_distributed")
-def _jax_distributed(*, workdir: str, config: ps_config.PSConfig, data: LMData,
-                     data_config: LMDataConfig) -> dict:
-    del data  # every worker process loads its own
+def _jax_distributed(*, workdir: str, config: ps_config.PSConfig, task: Task,
+                     data_config) -> dict:
+    del task  # every role process builds its own
     from lmjax.ps.launch import check_port, supervise
     from lmjax.ps.roles import RunSpec
 
@@ -48,15 +48,28 @@ def _jax_distributed(*, workdir: str, config: ps_config.PSConfig, data: LMData,
     return summary
 
 
-def check(config: ps_config.PSConfig) -> None:
-    """Every contradiction in the config is an error here, before any process starts."""
+def _require_model(config: ps_config.PSConfig) -> None:
     if config.model is None:
         raise ValueError("ps.model is not set; bind a model config, for example "
                          "ps.model = @GPTConfig() (see configs/ps/)")
+
+
+def ps_tasks() -> list[str]:
+    """The tasks of lmjax/train/registry.py a parameter server can run (built from data
+    loaded once)."""
+    return [name for name in TASKS.names() if TASKS.get(name).from_data is not None]
+
+
+def check(config: ps_config.PSConfig, task: Task | None = None) -> None:
+    """Every contradiction in the config is an error here, before any process starts;
+    `task` gives the parameters (default: ps.model as a language model)."""
+    _require_model(config)
     known = {"transport": TRANSPORTS.names(), "policy": POLICIES.names(),
              "optimizer": OPTIMIZERS.names(), "lr_scaling": LR_SCALINGS.names(),
-             "delay": DELAYS.names(), "compression": CODECS.names()}
-    ps_config.validate(config, len(param_shapes(config.model)), known)
+             "delay": DELAYS.names(), "compression": CODECS.names(), "task": ps_tasks()}
+    task = task or LMTask(config.model)
+    ps_config.validate(config, len(task_shapes(task)), known)
+    sparse.tables_of(config)  # raises for a model without sparse tables
 
 
 def _earlier_run(workdir: str) -> list[str]:
@@ -86,20 +99,23 @@ def _start_over(workdir: str, overwrite: bool) -> None:
             os.remove(path)
 
 
-def run_ps(*, workdir: str, config: ps_config.PSConfig, data_config: LMDataConfig,
+def run_ps(*, workdir: str, config: ps_config.PSConfig, data_config,
            overwrite: bool = False, on_ready=None) -> dict:
     """Checks the config, then runs the job; metrics go to workdir/metrics.jsonl.
 
-    The model's vocabulary comes from the data's tokenizer (saved in WORKDIR/tokenizer)."""
-    check(config)  # the number of parameter arrays does not depend on the vocabulary
+    `data_config` is the data config of ps.task (LMDataConfig for 'lm', ClassifyDataConfig
+    for 'classify'). The task is built through lmjax.train.registry.TASKS, so the model's
+    sizes (vocabulary, classes) come from the data (tokenizer saved in WORKDIR/tokenizer)."""
+    _require_model(config)
+    if config.task not in ps_tasks():
+        raise ValueError(f"unknown ps.task {config.task!r}; known: {', '.join(ps_tasks())}")
     _start_over(workdir, overwrite)
-    data = load_lm_data(**dataclasses.asdict(data_config),
-                        tokenizer_dir=os.path.join(workdir, "tokenizer"))
-    config = dataclasses.replace(config, model=dataclasses.replace(
-        config.model, vocab_size=data.tokenizer.vocab_size))
+    task = TASKS.get(config.task).build(config.model, data_config, workdir)
+    config = dataclasses.replace(config, model=task.config)
+    check(config, task)
     if on_ready is not None:
         on_ready()
-    summary = TRANSPORTS.get(config.transport)(workdir=workdir, config=config, data=data,
+    summary = TRANSPORTS.get(config.transport)(workdir=workdir, config=config, task=task,
                                                data_config=data_config)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

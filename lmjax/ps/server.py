@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 
-from lmjax.ps import codecs
+from lmjax.ps import codecs, sparse
 from lmjax.ps.config import PSConfig
 from lmjax.ps.policies import Policy, Push, Status
 from lmjax.registry import Registry
@@ -63,6 +63,7 @@ class ServerCore:
         self.params = jax.device_put(params)
         self.codec = codecs.make_codec(config)
         self.shapes = {k: tuple(v.shape) for k, v in params.items()}
+        self.tables = tuple(n for n in sparse.tables_of(config) if n in params)
         self.opt_state = self.tx.init(self.params)
         self.version = 0
         self.clocks = [0] * config.num_workers
@@ -100,7 +101,7 @@ class ServerCore:
         taus = [self.version - p.version for p in group]
         scale = LR_SCALINGS.get(self.config.lr_scaling)(taus)
         # Pushes wait in the queue as their compact payloads; decoded only when applied.
-        grads = [codecs.decode_grads(self.codec, p.grads, self.shapes) for p in group]
+        grads = [self._decode(p.grads) for p in group]
         self.params, self.opt_state = self._update(self.params, self.opt_state,
                                                    mean_grads(grads), np.float32(scale))
         self.version += 1
@@ -118,6 +119,14 @@ class ServerCore:
             "pushed_bytes": pushed,
             "pulled_bytes": pulled,
         }
+
+    def _decode(self, payloads: dict) -> dict:
+        """{name: dense gradient}: the codec's decode, and sparse tables' rows scattered
+        into zeros (the dense gradient exactly: it is zero outside the rows)."""
+        grads = codecs.decode_grads(
+            self.codec, {n: p for n, p in payloads.items() if n not in self.tables}, self.shapes)
+        grads.update({n: sparse.scatter(payloads[n], self.shapes[n]) for n in self.tables})
+        return grads
 
     def params_numpy(self) -> dict:
         return jax.device_get(self.params)

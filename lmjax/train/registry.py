@@ -29,6 +29,9 @@ from lmjax.train import bert_tasks, distill, tasks
 class TaskBuilder:
     data: type  # the data config class this task reads
     build: Callable[[Any, Any, str], tasks.Task]  # (model config, data config, workdir)
+    # (model config, data already loaded) -> the task, for callers that load the data once
+    # and build many tasks from it (the parameter server's workers and simulations).
+    from_data: Callable[[Any, Any], tasks.Task] | None = None
 
 
 TASKS: Registry[TaskBuilder] = Registry("task")
@@ -43,9 +46,12 @@ def lm_data(config: LMDataConfig, workdir: str) -> pipelines.LMData:
                                   tokenizer_dir=tokenizer_dir(workdir))
 
 
-def _lm(model, config: LMDataConfig, workdir: str) -> tasks.Task:
-    data = lm_data(config, workdir)
+def _lm_from_data(model, data: pipelines.LMData) -> tasks.Task:
     return tasks.LMTask(dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size), data)
+
+
+def _lm(model, config: LMDataConfig, workdir: str) -> tasks.Task:
+    return _lm_from_data(model, lm_data(config, workdir))
 
 
 def _stream(model, config: LMDataConfig, workdir: str) -> tasks.Task:
@@ -55,17 +61,23 @@ def _stream(model, config: LMDataConfig, workdir: str) -> tasks.Task:
     return tasks.StreamLMTask(model, data)
 
 
-def _classification(model, config: ClassifyDataConfig, workdir: str):
-    """(model config with the data's sizes, classification data)."""
-    data = pipelines.load_classification_data(**dataclasses.asdict(config),
+def classify_data(config: ClassifyDataConfig, workdir: str) -> pipelines.ClassificationData:
+    return pipelines.load_classification_data(**dataclasses.asdict(config),
                                               tokenizer_dir=tokenizer_dir(workdir))
-    model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
-                                num_classes=data.num_classes)
-    return model, data
+
+
+def _sized(model, data: pipelines.ClassificationData):
+    """The model config with the sizes the data decides."""
+    return dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
+                               num_classes=data.num_classes)
+
+
+def _classify_from_data(model, data: pipelines.ClassificationData) -> tasks.Task:
+    return tasks.ClassifyTask(_sized(model, data), data)
 
 
 def _classify(model, config: ClassifyDataConfig, workdir: str) -> tasks.Task:
-    return tasks.ClassifyTask(*_classification(model, config, workdir))
+    return _classify_from_data(model, classify_data(config, workdir))
 
 
 def _distill(model, config: DistillConfig, workdir: str) -> tasks.Task:
@@ -74,8 +86,9 @@ def _distill(model, config: DistillConfig, workdir: str) -> tasks.Task:
     from lmjax import configs  # the student's data bindings
 
     teacher = distill.teacher_logits(config.teacher_workdir, workdir)
-    model, data = _classification(model, configs.bound(ClassifyDataConfig), workdir)
-    return distill.DistillTask(model, data, teacher, config.temperature, config.alpha)
+    data = classify_data(configs.bound(ClassifyDataConfig), workdir)
+    return distill.DistillTask(_sized(model, data), data, teacher, config.temperature,
+                               config.alpha)
 
 
 def _require_bert(model, task: str) -> None:
@@ -112,9 +125,9 @@ def _bert_finetune(model, config: FinetuneConfig, workdir: str) -> tasks.Task:
     return bert_tasks.BertFinetuneTask(model, data, init_workdir)
 
 
-TASKS.register("lm")(TaskBuilder(LMDataConfig, _lm))
+TASKS.register("lm")(TaskBuilder(LMDataConfig, _lm, _lm_from_data))
 TASKS.register("lm_stream")(TaskBuilder(LMDataConfig, _stream))
-TASKS.register("classify")(TaskBuilder(ClassifyDataConfig, _classify))
+TASKS.register("classify")(TaskBuilder(ClassifyDataConfig, _classify, _classify_from_data))
 TASKS.register("distill")(TaskBuilder(DistillConfig, _distill))
 TASKS.register("bert_pretrain")(TaskBuilder(PretrainDataConfig, _bert_pretrain))
 TASKS.register("bert_finetune")(TaskBuilder(FinetuneConfig, _bert_finetune))

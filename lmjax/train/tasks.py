@@ -15,6 +15,7 @@ stack and the parameter-server workers. `train.task` picks one by name
 import abc
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,12 @@ class Task(abc.ABC):
     def items_per_step(self, batch_size: int) -> int:
         """Tokens (or examples) one step of `batch_size` rows trains on."""
 
+    def train_examples(self):
+        """Random-access grain MapDataset of single training examples (dicts), in their
+        stored order: the parameter server's workers shuffle and deal them out."""
+        raise NotImplementedError(f"{type(self).__name__} has no random-access training "
+                                  "examples, so the parameter server cannot train it")
+
     def warm_start(self, params):
         """Params of a fresh run before its first step (fine-tuning loads pretrained ones);
         `params` are already placed on the mesh."""
@@ -119,6 +126,9 @@ class LMTask(Task):
 
     def items_per_step(self, batch_size):
         return batch_size * self.length
+
+    def train_examples(self):
+        return pipelines.window_examples(self.data.train, self.length)
 
 
 def binary_counts(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
@@ -196,6 +206,9 @@ class ClassifyTask(Task):
 
     def items_per_step(self, batch_size):
         return batch_size
+
+    def train_examples(self):
+        return grain.MapDataset.source(self.data.train)
 
 
 def add_sums(total: dict | None, sums: dict) -> dict:
