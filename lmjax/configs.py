@@ -16,7 +16,13 @@ import typing
 
 import gin
 
-from lmjax.data.config import ClassifyDataConfig, FinetuneConfig, LMDataConfig, PretrainDataConfig
+from lmjax.data.config import (
+    ClassifyDataConfig,
+    FinetuneConfig,
+    LMDataConfig,
+    PretrainDataConfig,
+    TranslationDataConfig,
+)
 from lmjax.models import MODELS
 from lmjax.parallel.mesh import MeshConfig
 from lmjax.ps.config import PSConfig
@@ -30,6 +36,7 @@ BINDINGS: dict[str, type] = {
     "classify_dataset": ClassifyDataConfig,
     "pretrain_data": PretrainDataConfig,
     "finetune": FinetuneConfig,
+    "translation": TranslationDataConfig,
 }
 _CONFIGURABLE = {cls: gin.external_configurable(cls, name) for name, cls in BINDINGS.items()}
 MODELS.subscribe(lambda name, cls: gin.external_configurable(cls, name))

@@ -189,6 +189,7 @@ def _eval_record(run: _Run, state, meta, step) -> tuple[dict, dict]:
     setup = run.setup
     metrics = evaluate(setup.task, setup.eval_fn, state.params, run.evals, run.config.eval_rows,
                        setup.batch_sharding)
+    metrics.update(setup.task.extra_eval(state.params, step, step == run.config.num_steps))
     loss = metrics["loss"]
     if meta["best_eval_loss"] is None or loss < meta["best_eval_loss"]:
         meta = {**meta, "best_eval_loss": loss, "best_step": step}
@@ -264,8 +265,10 @@ def _summary(config, start, meta, record, eval_loss, eval_metrics, elapsed) -> d
 
 
 def _format_extra(metrics: dict) -> str:
-    """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification)."""
-    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy") if k in metrics]
+    """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification,
+    translation)."""
+    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy", "bleu", "chrf")
+             if k in metrics]
     return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
 
 
