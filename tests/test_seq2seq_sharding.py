@@ -1,6 +1,9 @@
 """The encoder-decoder's training steps on data=2 x tensor=4 (8 emulated devices) equal
 one device's; its parameters shard over the tensor axis by their logical names."""
 
+import dataclasses
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from lmjax.data import translation
 from lmjax.data.config import TranslationDataConfig
 from lmjax.models import Seq2SeqConfig
 from lmjax.parallel import RULES, make_mesh
-from lmjax.train import optim
+from lmjax.train import optim, trainer
 from lmjax.train.config import TrainConfig
 from lmjax.train.seq2seq_task import Seq2SeqTask
 from lmjax.train.state import state_shardings
@@ -20,7 +23,8 @@ MODEL = Seq2SeqConfig(vocab_size=VOCAB, max_len=32, num_encoder_layers=1, num_de
                       num_heads=4, embed_dim=32, mlp_dim=64, dropout=0.1, attention_dropout=0.1)
 TRAIN = TrainConfig(model=MODEL, task="seq2seq", num_steps=20, batch_size=512,
                     warmup_steps=2, learning_rate=3e-3, optimizer="adam")
-DATA = TranslationDataConfig(buckets=(32,), row_multiple=8)  # one shape: one compilation
+# One bucket shape: one compilation. No BLEU (the synthetic pairs have no text).
+DATA = TranslationDataConfig(buckets=(32,), row_multiple=8, bleu_limit=0)
 
 
 def _task():
@@ -30,8 +34,8 @@ def _task():
         return [np.append(rng.integers(4, VOCAB, rng.integers(2, 30)),
                           translation.EOS).astype(np.int32) for _ in range(64)]
 
-    data = translation.TranslationData(None, ("en", "de"), translation.Pairs(side(), side()),
-                                       None, [], [])
+    pairs = translation.Pairs(side(), side())
+    data = translation.TranslationData(None, ("en", "de"), pairs, pairs, [], [])
     return Seq2SeqTask(MODEL, data, DATA)
 
 
@@ -56,3 +60,13 @@ def test_every_parameter_has_logical_axis_names():
     assert specs["['embed']['embedding']"][0] == "tensor"  # vocab rows
     assert specs["['decoder0']['cross']['kv']['kernel']"][2] == "tensor"
     assert specs["['decoder0']['mlp']['up']['kernel']"][1] == "tensor"
+
+
+@pytest.mark.slow  # ~30 s of compiling the step and eval
+def test_max_minutes_stops_evaluates_and_saves(tmp_path):
+    config = dataclasses.replace(TRAIN, num_steps=1000, max_minutes=1e-9, eval_batches=2)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    summary = trainer.train(task=_task(), config=config, mesh=mesh,
+                            rules=RULES.get("fsdp_tensor"), workdir=str(tmp_path))
+    assert summary["step"] == 1 and np.isfinite(summary["eval_loss"])
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]

@@ -75,7 +75,7 @@ class TranslationDataConfig:
     row_multiple: int = 8  # rows of every batch divide by this (the data-parallel degree)
     bleu_every: int = 0  # BLEU on the validation split every N steps (a multiple of
     #                     train.eval_every) and at the end; 0: at the end only
-    bleu_limit: int | None = None  # first validation sentences only (None: all)
+    bleu_limit: int | None = None  # first validation sentences only (None: all; 0: no BLEU)
     bleu_batch: int = 128  # rows of a decoding batch
     limit: int | None = None  # first training pairs only (tests)
     tfds_dir: str | None = None

@@ -86,9 +86,9 @@ class Seq2SeqTask(Task):
 
     def extra_eval(self, params, step: int, final: bool) -> dict:
         """BLEU and chrF of greedy translations of the validation split, every
-        `bleu_every` steps and at the end."""
+        `bleu_every` steps and at the end (never with `bleu_limit` 0)."""
         every = self.data_config.bleu_every
-        if not (final or (every and step % every == 0)):
+        if self.data_config.bleu_limit == 0 or not (final or (every and step % every == 0)):
             return {}
         return self.translation_scores(params, self.data.eval.src, self.data.eval_references)
 
