@@ -120,7 +120,7 @@ def make_batch(pairs: Pairs, index: np.ndarray, rows: int, length: int) -> dict:
 
 class BucketedBatches:
     """Random-access source of batches: item k is batch k % n of epoch k // n, where the
-    n batches of an epoch cover every pair once. `row_slice` picks this process's rows."""
+    n batches of an epoch cover every pair once; each process reads its block of rows."""
 
     def __init__(self, pairs: Pairs, budget: int, buckets: tuple[int, ...], seed: int,
                  row_multiple: int = 8, shuffle: bool = True, epochs: int = EPOCHS):
@@ -128,6 +128,10 @@ class BucketedBatches:
         self.buckets = tuple(buckets)
         self.rows = bucket_rows(self.buckets, budget, row_multiple)
         self.members = assign_buckets(pairs.lengths(), self.buckets)
+        # This process's block of each bucket's rows, fixed now: the loading context
+        # (parallel.distributed.loading_for) holds while the source is built, not when
+        # the trainer reads batches.
+        self.shares = [batch_share(rows) for rows in self.rows]
         counts = np.bincount(self.members, minlength=len(self.buckets))
         self.per_epoch = int(sum(-(-c // r) for c, r in zip(counts, self.rows, strict=True)))
         if self.per_epoch == 0:
@@ -154,7 +158,7 @@ class BucketedBatches:
         bucket, index = self.plan(k // self.per_epoch)[k % self.per_epoch]
         rows = self.rows[bucket]
         batch = make_batch(self.pairs, index, rows, self.buckets[bucket])
-        share, count = batch_share(rows)
+        share, count = self.shares[bucket]
         local = rows // count
         return {key: v[share * local : (share + 1) * local] for key, v in batch.items()}
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from lmjax.data import translation
 from lmjax.data.config import TranslationDataConfig
@@ -104,7 +105,10 @@ class Seq2SeqTask(Task):
 
 def translate_ids(config, params, sources, tokenizer, *, beam: int = 1, alpha: float = 0.6,
                   batch_size: int = 64) -> list[str]:
-    """Detokenised translations of token-id sources (each ending in EOS)."""
+    """Detokenised translations of token-id sources (each ending in EOS). Every process
+    of a multi-process job decodes the whole list with the whole parameters."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
     out = decoding.decode_ids(config, jax.device_get(params), list(sources), beam=beam,
                               alpha=alpha, batch_size=batch_size)
     return [tokenizer.decode(np.asarray(ids, np.int32)).strip() if ids else "" for ids in out]
