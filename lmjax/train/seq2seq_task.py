@@ -6,7 +6,6 @@ and accuracy, and by BLEU and chrF of greedy translations of the validation spli
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from lmjax.data import translation
@@ -28,8 +27,10 @@ def token_losses(logits: jax.Array, targets: jax.Array, vocab_size: int,
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     if smoothing == 0:
         return nll, nll
-    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab_size), smoothing)
-    return -jnp.sum(labels * log_probs, axis=-1), nll
+    # -sum(smooth_labels(one_hot) * log_probs) without the (tokens, vocab) one-hot:
+    # (1 - smoothing) * nll + smoothing * mean(-log_probs).
+    uniform = -jnp.mean(log_probs, axis=-1)
+    return (1.0 - smoothing) * nll + smoothing * uniform, nll
 
 
 class Seq2SeqTask(Task):
