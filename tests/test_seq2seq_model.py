@@ -11,9 +11,11 @@ from flax import linen as nn
 
 from lmjax.models import Seq2SeqConfig, decoding
 
-TINY = Seq2SeqConfig(vocab_size=40, max_len=32, num_encoder_layers=2, num_decoder_layers=2,
-                     num_heads=2, embed_dim=16, mlp_dim=32, dropout=0.1,
-                     attention_dropout=0.1, attention="xla")
+TWO = Seq2SeqConfig(vocab_size=40, max_len=32, num_encoder_layers=2, num_decoder_layers=2,
+                    num_heads=2, embed_dim=16, mlp_dim=32, dropout=0.1,
+                    attention_dropout=0.1, attention="xla")
+# One layer a side for the decoding tests: they compile several programs each.
+TINY = Seq2SeqConfig(**{**TWO.__dict__, "num_encoder_layers": 1, "num_decoder_layers": 1})
 
 
 def _forward(config):
@@ -111,7 +113,7 @@ def reference(c, params, src, tgt):
 
 @pytest.mark.parametrize("norm_position,position", [("pre", "sinusoidal"), ("post", "learned")])
 def test_model_equals_numpy_transcription(norm_position, position):
-    config = Seq2SeqConfig(**{**TINY.__dict__, "norm_position": norm_position,
+    config = Seq2SeqConfig(**{**TWO.__dict__, "norm_position": norm_position,
                               "position": position})
     params = _params(config, seed=1)
     src = np.array([[5, 9, 11, 7, 0, 0], [4, 6, 8, 10, 12, 14]], np.int32)

@@ -39,11 +39,9 @@ def _task():
     return Seq2SeqTask(MODEL, data, DATA)
 
 
-# 4 steps by default; the 20 of the acceptance check (about a minute) in the slow tier.
-@pytest.mark.parametrize("steps", [4, pytest.param(20, marks=pytest.mark.slow)])
-def test_data_and_tensor_parallel_steps_equal_one_device(steps):
-    one, _ = run_steps(_task(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), TRAIN, steps)
-    many, state = run_steps(_task(), make_mesh(2, 1, 4), TRAIN, steps)
+def test_data_and_tensor_parallel_steps_equal_one_device():
+    one, _ = run_steps(_task(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), TRAIN, 20)
+    many, state = run_steps(_task(), make_mesh(2, 1, 4), TRAIN, 20)
     losses = np.array([m["loss"] for m in one])
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     np.testing.assert_allclose([m["loss"] for m in many], losses, rtol=1e-4)
