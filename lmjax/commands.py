@@ -1,11 +1,11 @@
 """One function per CLI command; each imports only its own stack.
 
-`train`, `eval` and `bench` build the task with its data; `sample` and `serve` read the
-run's config, tokenizer and best parameters only (no corpus, optimiser or train step);
-`ps` runs the parameter server; `launch` starts local processes that run one of these as
-one jax.distributed job. Every function takes the parsed command line after gin
-has been parsed (lmjax/main.py) and turns the bindings into config objects with
-`configs.bound`.
+`train`, `eval` and `bench` build the task with its data; `sample`, `serve` and
+`translate` read the run's config, tokenizer and best parameters only (no corpus,
+optimiser or train step); `ps` runs the parameter server; `launch` starts local
+processes that run one of these as one jax.distributed job. Every function takes the
+parsed command line after gin has been parsed (lmjax/main.py) and turns the bindings
+into config objects with `configs.bound`.
 """
 
 import argparse
@@ -128,6 +128,31 @@ def serve(args: argparse.Namespace) -> None:
           quantize=args.quantize, max_batch=args.max_batch)
 
 
+def translate(args: argparse.Namespace) -> list[str]:
+    from lmjax.data.config import TranslationDataConfig
+    from lmjax.serve import translate as translating
+
+    if args.input is None:
+        raise ValueError("translate needs --input=FILE (one source sentence a line)")
+    if args.beam < 1:
+        raise ValueError(f"--beam={args.beam}: give a beam of at least 1 (1 is greedy)")
+    with open(args.input, encoding="utf-8") as f:  # FileNotFoundError names the path
+        lines = f.read().splitlines()
+    loaded = translating.load_best(args.workdir, configs.bound(TrainConfig),
+                                   configs.bound(TranslationDataConfig))
+    out = translating.translate_lines(loaded, lines, beam=args.beam, alpha=args.length_penalty,
+                                      batch_size=args.batch_size, name=args.input)
+    text = "".join(line + "\n" for line in out)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    else:
+        print(text, end="")
+    return out
+
+
 def ps(args: argparse.Namespace) -> dict:
     from lmjax.ps.run import run_ps
     from lmjax.train.registry import TASKS
@@ -149,4 +174,4 @@ def launch(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "ps": ps,
-            "serve": serve, "launch": launch}
+            "serve": serve, "launch": launch, "translate": translate}

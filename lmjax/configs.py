@@ -23,6 +23,7 @@ from lmjax.data.config import (
     FinetuneConfig,
     LMDataConfig,
     PretrainDataConfig,
+    TranslationDataConfig,
 )
 from lmjax.models import MODELS
 from lmjax.parallel.mesh import MeshConfig
@@ -40,6 +41,7 @@ BINDINGS: dict[str, type] = {
     "finetune": FinetuneConfig,
     "distill": DistillConfig,
     "prune": PruneConfig,
+    "translation": TranslationDataConfig,
 }
 _CONFIGURABLE = {cls: gin.external_configurable(cls, name) for name, cls in BINDINGS.items()}
 MODELS.subscribe(lambda name, cls: gin.external_configurable(cls, name))

@@ -18,6 +18,8 @@ COMMANDS = """commands:
   bench   time the training step of a config (saves no checkpoint)
   ps      run a parameter-server job (in virtual time, or as local processes)
   serve   serve the best checkpoint in WORKDIR over HTTP (OpenAI-compatible completions)
+  translate  translate --input=FILE (one sentence a line) with the best checkpoint of a
+          translation run in WORKDIR, to stdout or --output=FILE (beam search, --beam=4)
   launch  run a command as N local processes of one jax.distributed job:
           launch --num_processes=N [--devices_per_process=D] -- train --workdir=DIR ...
 """
@@ -27,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description=__doc__.splitlines()[0],
                                      epilog=COMMANDS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "eval", "sample", "bench", "ps", "serve"])
+    parser.add_argument("command", choices=["train", "eval", "sample", "bench", "ps", "serve",
+                                            "translate"])
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics)")
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin config file; repeatable (default for eval, sample and "
@@ -56,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--heartbeat_timeout", type=int, default=30,
                      help="seconds without a heartbeat before a process counts as dead "
                      "and the job stops")
+    translate = parser.add_argument_group("translate")
+    translate.add_argument("--input", default=None,
+                           help="source sentences, one a line (languages from the run's config)")
+    translate.add_argument("--output", default=None,
+                           help="where the translations go, one a line (default: stdout)")
+    translate.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy")
+    translate.add_argument("--length_penalty", type=float, default=0.6,
+                           help="GNMT length penalty alpha (0: rank by log-probability)")
+    translate.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     ps = parser.add_argument_group("ps")
     ps.add_argument("--overwrite", action="store_true",
                     help="start over in a workdir that holds an earlier parameter-server "

@@ -255,3 +255,62 @@ def wikitext_articles(text: str) -> list[tuple[str, str]]:
         elif articles and line.strip():
             articles[-1][1].append(line.strip())
     return [(title, "\n".join(lines)) for title, lines in articles]
+
+
+MULTI30K_LANGUAGES = ("en", "de", "fr")
+# tfds split name -> the corpus's file stem (test_2016_flickr is the usual test set).
+MULTI30K_SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
+
+
+def read_parallel(folder: Path, stem: str, languages: tuple[str, ...]) -> list[list[str]]:
+    """The lines of `folder/stem.{lang}` per language, which must all have as many lines.
+
+    A missing file raises MissingDataError naming where it goes; files of different
+    lengths raise BadDataError naming each file and its line count."""
+    texts = []
+    for lang in languages:
+        path = folder / f"{stem}.{lang}"
+        if not path.exists():
+            raise MissingDataError(f"{path} does not exist; put Multi30k's {stem}.{lang} there "
+                                   f"(or point {DATA_DIR_ENV} at the folder that holds "
+                                   f"multi30k/{stem}.{lang})")
+        texts.append(path.read_text("utf-8").rstrip("\n").split("\n"))
+    counts = {f"{stem}.{lang}": len(lines) for lang, lines in zip(languages, texts, strict=True)}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{folder / name} has {n} lines" for name, n in counts.items())
+        raise BadDataError(f"the sides of a parallel corpus must have as many lines: {listed}")
+    return texts
+
+
+@BUILDERS.register("multi30k")
+class Multi30k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Multi30k task 1 (Elliott et al. 2016): English image descriptions with German and
+    French translations, raw cased text. Splits `train` (29,000 pairs), `validation`
+    (val, 1,014) and `test` (test_2016_flickr, 1,000); every example holds all three
+    languages, and the language pair is chosen when reading (lmjax/data/translation.py).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Place Multi30k's {{train,val,test_2016_flickr}}.{{en,de,fr}} in "
+        f"${DATA_DIR_ENV}/multi30k/."
+    )
+    MANUAL_FILE = "train.en"
+    SHA256 = None
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {**{lang: tfds.features.Text() for lang in MULTI30K_LANGUAGES},
+             "idx": tfds.features.Scalar(dtype=np.int32)})  # the line number, from 0
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        folder = Path(getattr(self, "_lmjax_manual_file", None) or
+                      Path(dl_manager.manual_dir) / self.MANUAL_FILE).parent
+        texts = {split: read_parallel(folder, stem, MULTI30K_LANGUAGES)
+                 for split, stem in MULTI30K_SPLITS.items()}  # every file checked first
+        return {split: self._generate_examples(lines) for split, lines in texts.items()}
+
+    def _generate_examples(self, lines: list[list[str]]):
+        for index, row in enumerate(zip(*lines, strict=True)):
+            yield index, {**dict(zip(MULTI30K_LANGUAGES, row, strict=True)), "idx": index}

@@ -67,3 +67,28 @@ class DistillConfig:
     teacher_workdir: str | None = None  # a trained `classify` or `bert_finetune` run
     temperature: float = 2.0  # T: both sides' logits are divided by it in the soft term
     alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the labels
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationDataConfig:
+    """Sentence pairs of a parallel corpus (lmjax.data.translation), bound as `translation`.
+
+    Batches hold about `train.batch_size` tokens: pairs are grouped into length buckets
+    (the longer side, EOS included, up to each bound in `buckets`) and each bucket's
+    batches have as many rows as fit the budget (a multiple of `row_multiple`).
+    """
+
+    name: str = "multi30k"
+    pair: str = "en-de"  # source-target languages
+    vocab_size: int = 8000  # joint sentencepiece vocabulary of both sides' training text
+    max_length: int = 128  # tokens per side, EOS included
+    too_long: str = "truncate"  # or "reject": a longer sentence is cut (with a warning) or refused
+    buckets: tuple[int, ...] = (12, 16, 20, 24, 32, 48, 64, 128)
+    row_multiple: int = 8  # rows of every batch divide by this (the data-parallel degree)
+    bleu_every: int = 0  # BLEU on the validation split every N steps (a multiple of
+    #                     train.eval_every) and at the end; 0: at the end only
+    bleu_limit: int | None = None  # first validation sentences only (None: all; 0: no BLEU)
+    bleu_batch: int = 128  # rows of a decoding batch
+    limit: int | None = None  # first training pairs only (tests)
+    tfds_dir: str | None = None
+    manual_dir: str | None = None

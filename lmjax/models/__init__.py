@@ -5,7 +5,9 @@ from lmjax.models.bert import BertClassifier, BertConfig, BertPretrain
 from lmjax.models.classifiers import CBoW, CBoWConfig
 from lmjax.models.registry import MODELS
 from lmjax.models.rnn import RNNLM, BiLSTMClassifier, BiLSTMConfig, RNNConfig
+from lmjax.models.seq2seq import EncoderDecoder, Seq2SeqConfig
 from lmjax.models.transformer import GPT, GPTConfig
 
 __all__ = ["BertClassifier", "BertConfig", "BertPretrain", "BiLSTMClassifier", "BiLSTMConfig",
-           "CBoW", "CBoWConfig", "GPT", "GPTConfig", "RNNLM", "RNNConfig", "MODELS"]
+           "CBoW", "CBoWConfig", "EncoderDecoder", "GPT", "GPTConfig", "RNNLM", "RNNConfig",
+           "Seq2SeqConfig", "MODELS"]

@@ -230,8 +230,13 @@ def _keep_mask(rate: float, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `dot_product_attention`; `dropout` is
-    the rate of both the attention probabilities and the output (nanoGPT's one rate)."""
+    """Multi-head self-attention through `dot_product_attention`; `dropout` is the rate
+    of both the attention probabilities and the output (nanoGPT's one rate) unless
+    `attention_dropout` sets the probabilities' own.
+
+    Causal by default; `causal=False` with a key `mask` (boolean, broadcastable to
+    (batch, heads, length, keys)) is an encoder's bidirectional attention over padding.
+    """
 
     num_heads: int
     head_dim: int
@@ -241,10 +246,12 @@ class CausalSelfAttention(nn.Module):
     rope: bool = False
     dtype: Dtype = jnp.float32
     implementation: str = "auto"
+    causal: bool = True
+    attention_dropout: float | None = None  # None: `dropout`
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool,
-                 cache: "KVCache | None" = None):
+                 cache: "KVCache | None" = None, mask: jax.Array | None = None):
         """Training path without `cache`; with one, also returns the updated cache."""
         embed = x.shape[-1]
         qkv = Dense(
@@ -256,10 +263,12 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
         if cache is None:
-            rng = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
+            rate = self.dropout if self.attention_dropout is None else self.attention_dropout
+            rng = None if deterministic or rate == 0 else self.make_rng("dropout")
             # (batch, length, heads, head_dim)
-            y = dot_product_attention(q, k, v, causal=True, implementation=self.implementation,
-                                      dropout_rate=self.dropout, dropout_rng=rng)
+            y = dot_product_attention(q, k, v, mask=mask, causal=self.causal,
+                                      implementation=self.implementation,
+                                      dropout_rate=rate, dropout_rng=rng)
         else:  # decoding: no dropout
             cache = cache.write(k, v, positions)
             y = cached_attention(q, cache, positions)
@@ -324,7 +333,7 @@ def cached_attention(q: jax.Array, cache: KVCache, positions: jax.Array) -> jax.
 
 
 class Mlp(nn.Module):
-    """GELU MLP (nanoGPT) or SwiGLU (Shazeer 2020)."""
+    """GELU MLP (nanoGPT), ReLU MLP (Vaswani et al. 2017) or SwiGLU (Shazeer 2020)."""
 
     hidden: int
     num_layers: int
@@ -342,11 +351,72 @@ class Mlp(nn.Module):
         up = self._dense(self.hidden, ("embed", "mlp"), 0.02, "up")(x)
         if self.kind == "gelu":
             h = nn.gelu(up, approximate=False)
+        elif self.kind == "relu":  # the original Transformer's
+            h = nn.relu(up)
         elif self.kind == "swiglu":
             h = nn.silu(self._dense(self.hidden, ("embed", "mlp"), 0.02, "gate")(x)) * up
         else:
-            raise ValueError(f"unknown mlp {self.kind!r}; use 'gelu' or 'swiglu'")
+            raise ValueError(f"unknown mlp {self.kind!r}; use 'gelu', 'relu' or 'swiglu'")
         h = constrain(h, ("batch", "length", "act_mlp"))
         std = 0.02 / (2 * self.num_layers) ** 0.5
         y = self._dense(embed, ("mlp", "embed"), std, "down")(h)
         return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+    """The fixed position encodings of Vaswani et al. (2017): (length, dim) float32,
+    sin(pos / 10000^(2i/dim)) at even features 2i and the cosine at odd ones 2i+1."""
+    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    rates = 10000.0 ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # (dim / 2,)
+    angles = pos * rates  # (length, dim / 2)
+    out = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # (length, dim / 2, 2)
+    return out.reshape(length, -1)[:, :dim]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries x over a context (an encoder's output).
+
+    The context's keys and values come from `keys_values` (a decoder computes them once
+    per source and reuses them at every decoding step); `__call__` takes them with the
+    key `mask` (boolean, broadcastable to (batch, heads, length, keys), False hides
+    padding). Parameter names mirror `CausalSelfAttention` with `q` and `kv` for `qkv`.
+    """
+
+    num_heads: int
+    head_dim: int
+    embed_dim: int
+    num_layers: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    implementation: str = "auto"
+
+    def setup(self):
+        heads = (self.num_heads, self.head_dim)
+        self.q = Dense(heads, ("embed", "heads", "head_dim"), use_bias=self.use_bias,
+                       dtype=self.dtype)
+        self.kv = Dense((2, *heads), ("embed", None, "heads", "head_dim"),
+                        use_bias=self.use_bias, dtype=self.dtype)
+        # As CausalSelfAttention: the residual projection's init scaled by depth.
+        self.out = Dense((self.embed_dim,), ("heads", "head_dim", "embed"),
+                         0.02 / (2 * self.num_layers) ** 0.5, in_axes=2,
+                         use_bias=self.use_bias, dtype=self.dtype)
+        self.drop = nn.Dropout(self.dropout)
+
+    def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """context (batch, keys, embed) -> keys, values (batch, keys, heads, head_dim)."""
+        kv = self.kv(context)  # (batch, keys, 2, heads, head_dim)
+        names = ("batch", "length", "act_heads", None)
+        return constrain(kv[:, :, 0], names), constrain(kv[:, :, 1], names)
+
+    def __call__(self, x: jax.Array, keys_values: tuple[jax.Array, jax.Array],
+                 mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        q = constrain(self.q(x), ("batch", "length", "act_heads", None))
+        k, v = keys_values
+        rng = None
+        if not deterministic and self.attention_dropout > 0:
+            rng = self.make_rng("dropout")
+        y = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation,
+                                  dropout_rate=self.attention_dropout, dropout_rng=rng)
+        return self.drop(self.out(y), deterministic=deterministic)

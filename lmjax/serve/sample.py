@@ -37,7 +37,8 @@ def load_best(workdir: str, config: TrainConfig) -> Loaded:
         raise ValueError(
             f"{workdir} trained train.task={config.task!r} with "
             f"{type(config.model).__name__}; sample and serve need a GPT language model "
-            "(train.model = @GPTConfig(), train.task = 'lm')")
+            "(train.model = @GPTConfig(), train.task = 'lm'); a translation run translates "
+            "with `lmjax translate`")
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; is {workdir} a training "

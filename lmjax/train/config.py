@@ -40,6 +40,10 @@ class TrainConfig:
     optimizer: str = "adamw"  # a name in lmjax.train.optim.OPTIMIZERS
     # Magnitude pruning (lmjax/train/prune.py); the CLI fills it from the `prune` bindings.
     prune: Any = None
+    # A wall-clock cap: after this many minutes of training (this invocation's, compiling
+    # included) the run evaluates, saves and stops as if at its last step. Rerunning
+    # resumes towards num_steps. None: no cap.
+    max_minutes: float | None = None
 
     @property
     def eval_rows(self) -> int:
@@ -60,6 +64,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"train.max_minutes must be positive, got {self.max_minutes}")
         if self.batch_size % self.microbatches:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                              f"train.microbatches={self.microbatches}")

@@ -12,17 +12,18 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from lmjax.data import bert_data, pipelines
+from lmjax.data import bert_data, pipelines, translation
 from lmjax.data.config import (
     ClassifyDataConfig,
     DistillConfig,
     FinetuneConfig,
     LMDataConfig,
     PretrainDataConfig,
+    TranslationDataConfig,
 )
-from lmjax.models import BertConfig
+from lmjax.models import BertConfig, Seq2SeqConfig
 from lmjax.registry import Registry
-from lmjax.train import bert_tasks, distill, tasks
+from lmjax.train import bert_tasks, distill, seq2seq_task, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +126,31 @@ def _bert_finetune(model, config: FinetuneConfig, workdir: str) -> tasks.Task:
     return bert_tasks.BertFinetuneTask(model, data, init_workdir)
 
 
+def _seq2seq(model, config: TranslationDataConfig, workdir: str) -> tasks.Task:
+    """Translation with a joint vocabulary (WORKDIR/tokenizer) of the pair's train split."""
+    if not isinstance(model, Seq2SeqConfig):
+        raise ValueError(f"train.task='seq2seq' needs train.model = @Seq2SeqConfig(), got "
+                         f"{type(model).__name__}")
+    fields = ("name", "pair", "vocab_size", "max_length", "too_long", "limit", "tfds_dir",
+              "manual_dir")
+    data = translation.load_translation_data(
+        **{f: getattr(config, f) for f in fields}, tokenizer_dir=tokenizer_dir(workdir))
+    model = seq2seq_config(model, data.tokenizer.vocab_size, config.max_length)
+    return seq2seq_task.Seq2SeqTask(model, data, config)
+
+
+def seq2seq_config(model: Seq2SeqConfig, vocab_size: int, max_length: int) -> Seq2SeqConfig:
+    """The model config with the tokenizer's vocabulary and special ids, and positions for
+    the data's longest sequences (decoding may run up to twice as long)."""
+    return dataclasses.replace(model, vocab_size=vocab_size, pad_id=translation.PAD,
+                               bos_id=translation.BOS, eos_id=translation.EOS,
+                               max_len=max(model.max_len, max_length))
+
+
 TASKS.register("lm")(TaskBuilder(LMDataConfig, _lm, _lm_from_data))
 TASKS.register("lm_stream")(TaskBuilder(LMDataConfig, _stream))
 TASKS.register("classify")(TaskBuilder(ClassifyDataConfig, _classify, _classify_from_data))
 TASKS.register("distill")(TaskBuilder(DistillConfig, _distill))
 TASKS.register("bert_pretrain")(TaskBuilder(PretrainDataConfig, _bert_pretrain))
 TASKS.register("bert_finetune")(TaskBuilder(FinetuneConfig, _bert_finetune))
+TASKS.register("seq2seq")(TaskBuilder(TranslationDataConfig, _seq2seq))

@@ -81,6 +81,12 @@ class Task(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no random-access training "
                                   "examples, so the parameter server cannot train it")
 
+    def extra_eval(self, params, step: int, final: bool) -> dict[str, float]:
+        """Metrics computed outside the jitted eval sums (e.g. BLEU of decoded text),
+        merged into the eval record at `step` (`final`: the run's last step)."""
+        del params, step, final
+        return {}
+
     def warm_start(self, params):
         """Params of a fresh run before its first step (fine-tuning loads pretrained ones);
         `params` are already placed on the mesh."""

@@ -189,13 +189,14 @@ def train(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str,
         checkpoints.close()
 
 
-def _eval_record(run: _Run, state, meta, step) -> tuple[dict, dict]:
+def _eval_record(run: _Run, state, meta, step, final: bool = False) -> tuple[dict, dict]:
     """Evaluates, updates the best-so-far record and writes the eval line."""
     setup = run.setup
     metrics = evaluate(setup.task, setup.eval_fn, state.params, run.evals, run.config.eval_rows,
                        setup.batch_sharding)
     if run.config.prune is not None and run.config.prune.enabled:
         metrics["sparsity"] = prune.kernel_sparsity(state.params)
+    metrics.update(setup.task.extra_eval(state.params, step, final))
     loss = metrics["loss"]
     if meta["best_eval_loss"] is None or loss < meta["best_eval_loss"]:
         meta = {**meta, "best_eval_loss": loss, "best_step": step}
@@ -224,7 +225,7 @@ def _loop(run: _Run, state, meta, start: int) -> dict:
             jax.block_until_ready(pending[-1][1]["loss"])
         pending.append((step + 1, metrics))
         step += count
-        final = step == config.num_steps
+        final = step == config.num_steps or _out_of_time(config, run_start)
         if step % config.log_every == 0 or final:
             record = _log_train(pending, step, last, items_per_step, run.writer,
                                 setup.task.throughput_key)
@@ -236,20 +237,36 @@ def _loop(run: _Run, state, meta, start: int) -> dict:
         if do_eval or do_save:
             _check_finite(pending)  # never evaluate or save a state that produced NaN
         if do_eval:
-            eval_metrics, meta = _eval_record(run, state, meta, step)
+            eval_metrics, meta = _eval_record(run, state, meta, step, final)
             eval_loss = eval_metrics["loss"]
         if do_save:
             run.checkpoints.save(step, state, run.data_iter, meta, eval_loss)
         bar.update(count)
+        if final:
+            break
     bar.close()
     return _summary(config, start, meta, record, eval_loss, eval_metrics,
-                    time.perf_counter() - run_start)
+                    time.perf_counter() - run_start, step)
 
 
-def _summary(config, start, meta, record, eval_loss, eval_metrics, elapsed) -> dict:
+def _out_of_time(config: TrainConfig, run_start: float) -> bool:
+    """Whether this process has trained for `train.max_minutes` (never when unset). All
+    processes of a job must agree, so a multi-process job takes process 0's clock."""
+    if config.max_minutes is None:
+        return False
+    over = time.perf_counter() - run_start >= 60 * config.max_minutes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
+    return over
+
+
+def _summary(config, start, meta, record, eval_loss, eval_metrics, elapsed,
+             step=None) -> dict:
     """The run's final figures, also printed as one line."""
     summary = {
-        "step": config.num_steps,
+        "step": config.num_steps if step is None else step,
         "train_loss": record.get("loss"),
         "eval_loss": eval_loss,
         "best_eval_loss": meta["best_eval_loss"],
@@ -271,8 +288,10 @@ def _summary(config, start, meta, record, eval_loss, eval_metrics, elapsed) -> d
 
 
 def _format_extra(metrics: dict) -> str:
-    """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification)."""
-    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy") if k in metrics]
+    """', accuracy 0.8200, f1 0.8300' for the metrics besides loss (classification,
+    translation)."""
+    shown = [k for k in ("accuracy", "f1", "mlm_accuracy", "nsp_accuracy", "bleu", "chrf")
+             if k in metrics]
     return "".join(f", {k} {metrics[k]:.4f}" for k in shown)
 
 
