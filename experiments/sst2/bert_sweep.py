@@ -4,6 +4,7 @@
     python experiments/sst2/bert_sweep.py sweep --lrs=1e-4,3e-4 --batch_sizes=16,32 --epochs=1
     python experiments/sst2/bert_sweep.py compare --lr=1e-4 --batch_size=32 --seeds=1,2,3
     python experiments/sst2/bert_sweep.py table   # all recorded runs as markdown
+    python experiments/sst2/bert_sweep.py curve --workdir=runs/bert_pretrain_offline  # PNG
 
 `sweep` fine-tunes the pretrained encoder once per (learning rate, batch size), as the
 BERT paper's fine-tuning recipe does (Devlin et al. 2019, A.3: lr in {5e-5, 3e-5, 2e-5},
@@ -80,11 +81,42 @@ def _finetune_params(pretrained: Path, lr: float, batch: int, epochs: float, see
 
 
 def pretrain(args) -> None:
+    """Records the last evaluation (the run's end), not the best one."""
     workdir = Path(args.workdir)
-    record = _train(workdir, PRETRAIN, args.gin_param)
+    record = {**_train(workdir, PRETRAIN, args.gin_param), **_evals(workdir)[-1]}
     _save(f"pretrain {workdir.name}", record)
+    curve(args)
     print(f"| pretrain | {record['step']} | {record['mlm_loss']:.3f} | "
           f"{record['mlm_accuracy']:.3f} | {record['nsp_accuracy']:.3f} | {record['wall_s']:.0f} |")
+
+
+def curve(args) -> None:
+    """Train and held-out MLM (and NSP) accuracy of a pretraining run against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(args.workdir)
+    with open(workdir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        part = [r for r in rows if r["split"] == split and "mlm_accuracy" in r]
+        ax.plot([r["step"] for r in part], [r["mlm_accuracy"] for r in part], style,
+                label=f"MLM accuracy ({'held-out' if split == 'eval' else split})")
+        if split == "eval" and part and "nsp_accuracy" in part[0]:
+            ax.plot([r["step"] for r in part], [r["nsp_accuracy"] for r in part], "s--",
+                    label="NSP accuracy (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title(workdir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = HERE / f"{workdir.name}_curve.png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def sweep(args) -> None:
@@ -160,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bert_pretrain_offline"))
+    c = sub.add_parser("curve")
+    for s in (p, c):
+        s.add_argument("--workdir", default=str(REPO / "runs" / "bert_pretrain_offline"))
     for name in ("sweep", "compare"):
         s = sub.add_parser(name)
         s.add_argument("--pretrained", default=str(REPO / "runs" / "bert_pretrain_offline"))
@@ -179,7 +213,8 @@ def main() -> None:
         s.add_argument("--gin_param", action="append", default=[])  # added to every run
     sub.add_parser("table")
     args = parser.parse_args()
-    commands = {"pretrain": pretrain, "sweep": sweep, "compare": compare, "table": table}
+    commands = {"pretrain": pretrain, "curve": curve, "sweep": sweep, "compare": compare,
+                "table": table}
     commands[args.command](args)
 
 
