@@ -61,20 +61,24 @@ def _run(workdir: Path, config: str, params: list[str]) -> dict:
 
 
 def distill(args) -> None:
-    runs = Path(args.runs)
+    """The teacher and the label-only students run once (reused when recorded); the
+    distilled students once per (temperature, alpha, seed)."""
+    runs, results = Path(args.runs), _load()
     teacher = runs / "teacher"
-    if not (teacher / "metrics.jsonl").exists():
+    if "distill teacher" not in results:
         _save("distill teacher", _run(teacher, args.teacher, args.teacher_param))
     for seed in map(int, args.seeds.split(",")):
-        for label, config, extra in (
-                ("labels", args.student, []),
-                ("distilled", args.student,
-                 ["train.task='distill'", f"distill.teacher_workdir='{teacher}'",
-                  f"distill.temperature={args.T}", f"distill.alpha={args.alpha}"])):
-            record = _run(runs / f"{label}_seed{seed}", config,
-                          [f"train.seed={seed}", *extra, *args.gin_param])
-            _save(f"distill {label} seed{seed}", {"seed": seed, "alpha": args.alpha,
-                                                  "temperature": args.T, **record})
+        if f"distill labels seed{seed}" not in results:
+            record = _run(runs / f"labels_seed{seed}", args.student,
+                          [f"train.seed={seed}", *args.gin_param])
+            _save(f"distill labels seed{seed}", {"seed": seed, **record})
+        name = f"T{args.T:g}_alpha{args.alpha:g}_seed{seed}"
+        record = _run(runs / f"distilled_{name}", args.student,
+                      [f"train.seed={seed}", "train.task='distill'",
+                       f"distill.teacher_workdir='{teacher}'", f"distill.temperature={args.T}",
+                       f"distill.alpha={args.alpha}", *args.gin_param])
+        _save(f"distill {name}", {"seed": seed, "alpha": args.alpha, "temperature": args.T,
+                                  **record})
 
 
 def prune(args) -> None:
@@ -100,13 +104,18 @@ def table(args) -> None:
         print(f"teacher: dev accuracy {teacher['accuracy']:.4f} ({teacher['wall_s']:.0f} s)\n")
         print("| student | seeds | dev accuracy, mean ± std | per seed | wall (s) each |")
         print("| --- | --- | --- | --- | --- |")
-        for label in ("labels", "distilled"):
-            rows = [r for k, r in sorted(results.items()) if k.startswith(f"distill {label} ")]
-            if rows:
-                acc = [r["accuracy"] for r in rows]
-                print(f"| {label} | {len(rows)} | {_mean_std(acc)} | "
-                      f"{', '.join(f'{a:.4f}' for a in acc)} | "
-                      f"{statistics.mean(r['wall_s'] for r in rows):.0f} |")
+        groups: dict[str, list[dict]] = {}
+        for key, r in sorted(results.items()):
+            if key.startswith("distill labels "):
+                groups.setdefault("labels only", []).append(r)
+            elif key.startswith("distill T"):
+                label = f"distilled, T={r['temperature']:g}, alpha={r['alpha']:g}"
+                groups.setdefault(label, []).append(r)
+        for label, rows in groups.items():
+            acc = [r["accuracy"] for r in rows]
+            print(f"| {label} | {len(rows)} | {_mean_std(acc)} | "
+                  f"{', '.join(f'{a:.4f}' for a in acc)} | "
+                  f"{statistics.mean(r['wall_s'] for r in rows):.0f} |")
     pruned = sorted((r for k, r in results.items() if k.startswith("prune ")),
                     key=lambda r: (r["model"], r["target"]))
     if pruned:
