@@ -143,10 +143,11 @@ def compare(args) -> None:
         config, accuracies = configs[label], []
         for seed in map(int, args.seeds.split(",")):
             name = f"{label}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs:g}_seed{seed}"
+            key = f"{Path(args.runs).name}/{name}"  # runs of other encoders keep their records
             params = _finetune_params(Path(args.pretrained), args.lr, args.batch_size,
                                       args.epochs, seed)
             record = _train(Path(args.runs) / name, config, params + args.gin_param)
-            _save(name, {"init": label, "seed": seed, "pretrained": args.pretrained, **record})
+            _save(key, {"init": label, "seed": seed, "pretrained": args.pretrained, **record})
             accuracies.append(record["accuracy"])
         table[label] = accuracies
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores")
