@@ -1,5 +1,6 @@
-"""Helpers the experiment scripts share: run the lmjax CLI, read its metrics."""
+"""Helpers the experiment scripts share: run the lmjax CLI, read its metrics, record results."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -27,3 +28,15 @@ def train(workdir: Path, gin_file: str, params: list[str], devices: int | None =
 def records(workdir: Path, split: str) -> list[dict]:
     with open(Path(workdir) / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def save_record(results: Path, key: str, record: dict) -> None:
+    """Sets `key` in the JSON file `results` (written whole, then renamed into place); a
+    lock beside it lets several studies add records side by side."""
+    with open(results.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        recorded = json.loads(results.read_text()) if results.exists() else {}
+        recorded[key] = record
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, results)

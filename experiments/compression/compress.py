@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import records, train  # noqa: E402
+from common import records, save_record, train  # noqa: E402
 
 RESULTS = HERE / "results.json"
 CONFIGS = {
@@ -45,11 +45,8 @@ def _load() -> dict:
 
 
 def _save(key: str, record: dict) -> None:
-    results = _load()
-    results[key] = {**record, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, RESULTS)
+    save_record(RESULTS, key, {**record,
+                               "machine": f"{platform.machine()}, {os.cpu_count()} cores"})
 
 
 def _run(workdir: Path, config: str, params: list[str]) -> dict:

@@ -18,7 +18,6 @@ rows are printed for experiments/sst2/bert.md.
 """
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -29,7 +28,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+from common import REPO, save_record  # noqa: E402
+
 RESULTS = HERE / "bert_results.json"
 TRAIN_SENTENCES = 67_349
 FINETUNE = "configs/experiments/sst2_bert_finetune.gin"
@@ -49,14 +50,7 @@ def _evals(workdir: Path) -> list[dict]:
 
 
 def _save(key: str, record: dict) -> None:
-    """Adds one run's record; a lock lets a sweep and a comparison run side by side."""
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        results[key] = record
-        tmp = RESULTS.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, RESULTS)
+    save_record(RESULTS, key, record)
 
 
 def _train(workdir: Path, config: str, params: list[str]) -> dict:
