@@ -116,13 +116,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--train", action="store_true", help="train first (timed)")
     parser.add_argument("--gin_file", default=CONFIG)
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="a binding for training; repeatable")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=0.6)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     timing = args.workdir / "train_time.json"
     if args.train:
-        seconds = train(args.workdir, args.gin_file, [])
+        seconds = train(args.workdir, args.gin_file, args.gin_param)
         args.workdir.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps({"seconds": seconds, "machine": machine()}))
     loaded = load(args.workdir)
