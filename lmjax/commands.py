@@ -76,12 +76,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     from lmjax.train import trainer
 
     config, mesh, rules = _run_parts()
+    if args.texts and not args.train_logits:
+        raise ValueError("--texts names the inputs of --train_logits; pass both")
     task = build_task(config, args.workdir)
     if args.train_logits:
         import numpy as np
 
+        texts = None
+        if args.texts:
+            with open(args.texts, encoding="utf-8") as f:
+                texts = f.read().splitlines()
         logits = trainer.train_logits(task=task, config=config, mesh=mesh, rules=rules,
-                                      workdir=args.workdir)
+                                      workdir=args.workdir, texts=texts)
         with open(args.train_logits, "wb") as f:
             np.save(f, logits)
         return {"train_logits": args.train_logits, "examples": len(logits)}

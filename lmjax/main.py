@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="eval: instead of evaluating, save the best checkpoint's logits "
                         "on the training split to FILE (.npy; a classification run, the "
                         "teacher of train.task = 'distill')")
+    parser.add_argument("--texts", default=None, metavar="FILE",
+                        help="eval --train_logits: the logits of each line of FILE (encoded "
+                        "as the training split is) instead of the training split")
     sample = parser.add_argument_group("sample")
     sample.add_argument("--prompt", default="\n", help="text to continue")
     sample.add_argument("--max_new_tokens", type=int, default=500)

@@ -1,6 +1,7 @@
 """Knowledge distillation: the loss against a NumPy transcription of Hinton et al.'s
-objective, the task's batches carrying the teacher's logits of each example, and the
-`distill` task end to end through the CLI (teacher logits computed once and cached)."""
+objective, the task's batches carrying the teacher's logits of each example, the
+transfer set's augmentation (Tang et al.), and the `distill` task end to end through the
+CLI (teacher logits computed once and cached)."""
 
 import json
 
@@ -10,9 +11,10 @@ import pytest
 from conftest import run_cli
 
 from lmjax.data import pipelines
+from lmjax.data.config import DistillConfig
 from lmjax.data.tokenizers import CharTokenizer
 from lmjax.models import CBoWConfig
-from lmjax.train.distill import DistillTask, distill_losses
+from lmjax.train.distill import DistillTask, augment, distill_losses
 
 
 def _log_softmax(x):
@@ -38,6 +40,16 @@ def test_loss_equals_numpy_transcription(temperature, alpha):
     np.testing.assert_allclose(np.asarray(got), _reference(student, teacher, labels,
                                                            temperature, alpha), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_unlabelled_rows_take_the_soft_term_alone():
+    rng = np.random.default_rng(4)
+    student, teacher = (3 * rng.normal(size=(10, 2)).astype(np.float32) for _ in range(2))
+    labels, labelled = rng.integers(0, 2, 10), np.arange(10) % 3 != 0
+    got = np.asarray(distill_losses(student, teacher, labels, 2.0, 0.3, labelled))
+    mixed = _reference(student, teacher, labels, 2.0, 0.3)
+    soft = _reference(student, teacher, labels, 2.0, 1.0)
+    np.testing.assert_allclose(got, np.where(labelled, mixed, soft), rtol=1e-5, atol=1e-6)
 
 
 def test_soft_term_is_zero_when_the_student_copies_the_teacher():
@@ -68,6 +80,64 @@ def test_task_loss_reads_each_examples_teacher_logits():
     student = np.asarray(task.logits(params, batch))
     want = _reference(student, teacher[rows], batch["label"], 2.0, 0.7).mean()
     assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_transfer_rows_follow_the_training_rows_unlabelled():
+    data = _data()
+    rng = np.random.default_rng(5)
+    teacher = rng.normal(size=(len(data.train), 2)).astype(np.float32)
+    extra = pipelines.pad_examples([np.array([1, 2]), np.array([3])], [0, 0], 6)
+    extra_logits = rng.normal(size=(2, 2)).astype(np.float32)
+    config = CBoWConfig(vocab_size=data.tokenizer.vocab_size, num_classes=2, embed_dim=8,
+                        hidden_dim=8, dropout=0.0)
+    task = DistillTask(config, data, teacher, 2.0, 0.5, (extra, extra_logits))
+    train = task.data.train
+    assert len(train) == len(data.train) + 2
+    np.testing.assert_array_equal(train.inputs[-2:], extra.inputs)
+    np.testing.assert_array_equal(train.teacher[-2:], extra_logits)
+    assert train.labelled.tolist() == [True] * len(data.train) + [False, False]
+    assert not train[len(data.train)]["labelled"] and train[0]["labelled"]
+
+
+def test_augment_deletes_words_and_samples_ngrams_without_repeats():
+    texts = ["a b c d e f g h", "one two three", "solo"]
+    out = augment(texts, copies=20, drop=0.1, ngram=0.25, seed=0)
+    assert out == augment(texts, copies=20, drop=0.1, ngram=0.25, seed=0)  # seeded
+    assert out != augment(texts, copies=20, drop=0.1, ngram=0.25, seed=1)
+    assert len(out) == len(set(out)) and all(out) and not set(out) & set(texts)
+    for sentence in out:  # an ordered subsequence of one source's words
+        words = sentence.split()
+        assert any(_is_subsequence(words, t.split()) for t in texts)
+    assert any(len(s.split()) <= 5 for s in out if s.split()[0] in "abcdefgh")
+    # Nothing deleted and no n-grams: every copy repeats its text, so none is kept.
+    assert augment(texts, copies=5, drop=0.0, ngram=0.0, seed=0) == []
+    # Only n-grams: each copy is a contiguous run of at most 5 words.
+    for sentence in augment(texts, copies=10, drop=0.0, ngram=0.999, seed=0):
+        assert sentence in texts[0] or sentence in texts[1]
+        assert len(sentence.split()) <= 5
+
+
+def _is_subsequence(words, source):
+    it = iter(source)
+    return all(w in it for w in words)
+
+
+@pytest.mark.parametrize("binding,message", [
+    ({"augment": -1}, "distill.augment must be >= 0"),
+    ({"augment_drop": 1.0}, "distill.augment_drop is a probability"),
+    ({"augment_ngram": -0.1}, "distill.augment_ngram is a probability"),
+])
+def test_bad_augment_bindings_are_refused(binding, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**binding)
+
+
+def test_texts_without_train_logits_is_refused(tmp_path):
+    result = run_cli("eval", f"--workdir={tmp_path}",
+                     "--gin_file=configs/experiments/sst2_cbow.gin",
+                     f"--texts={tmp_path / 'lines.txt'}")
+    assert result.returncode == 1
+    assert "--texts names the inputs of --train_logits" in result.stderr
 
 
 def test_teacher_of_another_size_is_refused_by_count():
@@ -104,3 +174,24 @@ def test_distill_end_to_end_caches_the_teacher_logits(tmp_path):
     stamp = (student / "teacher_logits.npy").stat().st_mtime_ns
     assert run_cli("eval", f"--workdir={student}").returncode == 0
     assert (student / "teacher_logits.npy").stat().st_mtime_ns == stamp  # read, not redone
+    # --texts encodes lines as the training split is: the first training sentences give
+    # the same logits as the training split's first rows.
+    from lmjax.data import builders
+
+    rows = builders.read_examples("sst2", "train")[:40]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(r["text"].decode("utf-8") for r in rows) + "\n")
+    done = run_cli("eval", f"--workdir={teacher}", f"--train_logits={tmp_path / 'l.npy'}",
+                   f"--texts={lines}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), logits[:40], rtol=1e-5, atol=1e-6)
+    # A transfer set: written once, the teacher's logits on each of its lines, and the
+    # student trains on both.
+    augmented = tmp_path / "augmented"
+    done = run_cli(*args[:1], f"--workdir={augmented}", *args[2:],
+                   "--gin_param=distill.augment=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    transfer = (augmented / "transfer.txt").read_text().splitlines()
+    transfer_logits = np.load(augmented / "transfer_logits.npy")
+    assert 10_000 < len(transfer) < 67349 and transfer_logits.shape == (len(transfer), 2)
+    assert "transfer set:" in done.stdout

@@ -10,7 +10,8 @@
 strongest lmjax SST-2 model trained here without pretraining), then for each seed the
 student (default: the CBoW of sst2_cbow.gin) on the labels alone and distilled from the
 teacher (`train.task = 'distill'` on the student's config, as sst2_cbow_distill.gin),
-with the same recipe, steps and seed. `prune` trains
+with the same recipe, steps and seed; `--augment=K` adds Tang et al.'s transfer set
+(`distill.augment`). `prune` trains
 one run per target sparsity with `prune.sparsity` (Zhu and Gupta's schedule up to 3/4 of
 the run, then the masks stay fixed): the BERT fine-tuned on SST-2 from a pretrained
 encoder, or the GPT of shakespeare_char_baby.gin. Every figure is that of the run's last
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 from common import records, save_record, train  # noqa: E402
 
 RESULTS = HERE / "results.json"
+# The files lmjax/train/distill.py caches in a student's workdir.
+LOGITS, TRANSFER, TRANSFER_LOGITS = "teacher_logits.npy", "transfer.txt", "transfer_logits.npy"
 CONFIGS = {
     "teacher": "configs/experiments/sst2_bilstm.gin",
     "student": "configs/experiments/sst2_cbow.gin",
@@ -64,18 +68,39 @@ def distill(args) -> None:
     teacher = runs / "teacher"
     if "distill teacher" not in results:
         _save("distill teacher", _run(teacher, args.teacher, args.teacher_param))
+    # The CBoW's records predate --student_name and carry no name.
+    tag = "" if args.student_name == "cbow" else f"{args.student_name}_"
+    student = {"student": args.student_name}
     for seed in map(int, args.seeds.split(",")):
-        if f"distill labels seed{seed}" not in results:
-            record = _run(runs / f"labels_seed{seed}", args.student,
+        if f"distill {tag}labels seed{seed}" not in results:
+            record = _run(runs / f"labels_{tag}seed{seed}", args.student,
                           [f"train.seed={seed}", *args.gin_param])
-            _save(f"distill labels seed{seed}", {"seed": seed, **record})
-        name = f"T{args.T:g}_alpha{args.alpha:g}_seed{seed}"
+            _save(f"distill {tag}labels seed{seed}", {"seed": seed, **student, **record})
+        augmented = f"_augment{args.augment}" if args.augment else ""
+        name = f"{tag}T{args.T:g}_alpha{args.alpha:g}{augmented}_seed{seed}"
+        _reuse_teacher_outputs(runs / f"distilled_{name}", bool(augmented))
         record = _run(runs / f"distilled_{name}", args.student,
                       [f"train.seed={seed}", "train.task='distill'",
                        f"distill.teacher_workdir='{teacher}'", f"distill.temperature={args.T}",
-                       f"distill.alpha={args.alpha}", *args.gin_param])
+                       f"distill.alpha={args.alpha}", f"distill.augment={args.augment}",
+                       *args.gin_param])
         _save(f"distill {name}", {"seed": seed, "alpha": args.alpha, "temperature": args.T,
-                                  **record})
+                                  "augment": args.augment, **student, **record})
+
+
+def _reuse_teacher_outputs(workdir: Path, augmented: bool) -> None:
+    """Copies the teacher's cached logits (and the transfer set, which does not depend on
+    the student's seed) from another seed of the same distilled run, so each seed does
+    not recompute them."""
+    names = [LOGITS, *([TRANSFER, TRANSFER_LOGITS] if augmented else [])]
+    stem = workdir.name[: workdir.name.rindex("_seed")]
+    for earlier in sorted(workdir.parent.glob(f"{stem}_seed*")):
+        if earlier != workdir and all((earlier / n).exists() for n in names):
+            workdir.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                if not (workdir / n).exists():
+                    shutil.copy(earlier / n, workdir / n)
+            return
 
 
 def prune(args) -> None:
@@ -102,12 +127,17 @@ def table(args) -> None:
         print("| student | seeds | dev accuracy, mean ± std | per seed | wall (s) each |")
         print("| --- | --- | --- | --- | --- |")
         groups: dict[str, list[dict]] = {}
-        for key, r in sorted(results.items()):
-            if key.startswith("distill labels "):
-                groups.setdefault("labels only", []).append(r)
-            elif key.startswith("distill T"):
-                label = f"distilled, T={r['temperature']:g}, alpha={r['alpha']:g}"
-                groups.setdefault(label, []).append(r)
+        for key, r in sorted(results.items(), key=lambda item: item[1].get("student", "")):
+            if not key.startswith("distill ") or key == "distill teacher":
+                continue
+            label = f"{r.get('student', 'cbow')}, "
+            if "labels seed" in key:
+                label += "labels only"
+            else:
+                label += f"distilled, T={r['temperature']:g}, alpha={r['alpha']:g}"
+                if r.get("augment"):
+                    label += f", transfer set ({r['augment']} tries an example)"
+            groups.setdefault(label, []).append(r)
         for label, rows in groups.items():
             acc = [r["accuracy"] for r in rows]
             print(f"| {label} | {len(rows)} | {_mean_std(acc)} | "
@@ -151,9 +181,13 @@ def main() -> None:
     d = commands.add_parser("distill")
     d.add_argument("--teacher", default=CONFIGS["teacher"])
     d.add_argument("--student", default=CONFIGS["student"])
+    d.add_argument("--student_name", default="cbow",
+                   help="names the student's runs and records (another student: another name)")
     d.add_argument("--seeds", default="1,2,3")
     d.add_argument("--T", type=float, default=2.0)
     d.add_argument("--alpha", type=float, default=0.5)
+    d.add_argument("--augment", type=int, default=0,
+                   help="distill.augment: transfer-set sentences tried per training example")
     d.add_argument("--runs", default="runs/compression/distill")
     d.add_argument("--teacher_param", action="append", default=[],
                    help="gin binding for the teacher's run; repeatable")

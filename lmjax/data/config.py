@@ -67,6 +67,22 @@ class DistillConfig:
     teacher_workdir: str | None = None  # a trained `classify` or `bert_finetune` run
     temperature: float = 2.0  # T: both sides' logits are divided by it in the soft term
     alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the labels
+    # The transfer set of Tang et al. (2019): up to `augment` new sentences per training
+    # example (each word deleted with probability augment_drop, then with probability
+    # augment_ngram only a random 1-5-word n-gram kept), taught by the teacher alone.
+    augment: int = 0
+    augment_drop: float = 0.1
+    augment_ngram: float = 0.25
+    augment_seed: int = 0
+
+    def __post_init__(self):
+        if self.augment < 0:
+            raise ValueError(f"distill.augment must be >= 0 (copies per example), got "
+                             f"{self.augment}")
+        for name in ("augment_drop", "augment_ngram"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"distill.{name} is a probability in [0, 1), got "
+                                 f"{getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

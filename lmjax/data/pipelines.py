@@ -8,6 +8,7 @@ iterator whose state is saved in checkpoints, so a resumed run reads the same ba
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -152,6 +153,11 @@ class ClassificationData:
     eval: Examples
     max_length: int
     num_classes: int = 2
+    # The training split's texts as the model reads them (lowercased if configured), and
+    # texts -> Examples (labels 0) encoded like the splits: what distillation's transfer
+    # set needs (lmjax/train/distill.py). Absent for data built from token ids.
+    train_texts: list[str] | None = None
+    encode: Callable[[list[str]], Examples] | None = None
 
 
 def pad_examples(ids: list[np.ndarray], labels: list[int], max_length: int,
@@ -238,10 +244,15 @@ def load_classification_data(
             tok.save(tokenizer_dir)
     pad_id = getattr(tok, "pad_id", 0)
     pad_id = 0 if pad_id < 0 else pad_id
-    padded = {s: pad_examples([tok.encode(t) for t in texts[s]],
-                              [int(e["label"]) for e in splits[s]], max_length, pad_id)
-              for s in splits}
-    return ClassificationData(tok, padded["train"], padded["validation"], max_length)
+
+    def encode(lines: list[str], labels: list[int] | None = None) -> Examples:
+        lines = [line.lower() for line in lines] if lowercase else lines
+        labels = [0] * len(lines) if labels is None else labels
+        return pad_examples([tok.encode(t) for t in lines], labels, max_length, pad_id)
+
+    padded = {s: encode(texts[s], [int(e["label"]) for e in splits[s]]) for s in splits}
+    return ClassificationData(tok, padded["train"], padded["validation"], max_length,
+                              train_texts=texts["train"], encode=encode)
 
 
 def _text(example: dict, lowercase: bool) -> str:

@@ -216,16 +216,19 @@ def finetune_data(tokenizer, max_length: int, tfds_dir: str | None = None,
 
     `limit` keeps the first training sentences only (tests); dev is always whole.
     """
+    def encode(texts: list[str], labels: list[int] | None = None) -> pipelines.Examples:
+        ids = [np.concatenate([[bert_data.CLS], tokenizer.encode(text)[: max_length - 2],
+                               [bert_data.SEP]]).astype(np.int32) for text in texts]
+        labels = [0] * len(texts) if labels is None else labels
+        return pipelines.pad_examples(ids, labels, max_length, bert_data.PAD)
+
     builders.prepare("sst2", tfds_dir)
-    splits = {}
+    splits, texts = {}, {}
     for split in ("train", "validation"):
         rows = builders.read_examples("sst2", split, tfds_dir)
         if split == "train":
             rows = rows[:limit]
-        ids = [np.concatenate([[bert_data.CLS],
-                               tokenizer.encode(r["text"].decode("utf-8"))[: max_length - 2],
-                               [bert_data.SEP]]).astype(np.int32) for r in rows]
-        splits[split] = pipelines.pad_examples(ids, [int(r["label"]) for r in rows], max_length,
-                                               bert_data.PAD)
+        texts[split] = [r["text"].decode("utf-8") for r in rows]
+        splits[split] = encode(texts[split], [int(r["label"]) for r in rows])
     return pipelines.ClassificationData(tokenizer, splits["train"], splits["validation"],
-                                        max_length)
+                                        max_length, train_texts=texts["train"], encode=encode)

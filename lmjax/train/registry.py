@@ -88,8 +88,13 @@ def _distill(model, config: DistillConfig, workdir: str) -> tasks.Task:
 
     teacher = distill.teacher_logits(config.teacher_workdir, workdir)
     data = classify_data(configs.bound(ClassifyDataConfig), workdir)
+    transfer = None
+    if config.augment:
+        transfer = distill.transfer_set(data, config.teacher_workdir, workdir, config.augment,
+                                        config.augment_drop, config.augment_ngram,
+                                        config.augment_seed)
     return distill.DistillTask(_sized(model, data), data, teacher, config.temperature,
-                               config.alpha)
+                               config.alpha, transfer)
 
 
 def _require_bert(model, task: str) -> None:

@@ -349,21 +349,26 @@ def evaluate_best(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir
     return {"step": step, "split": "eval", **metrics}
 
 
-def train_logits(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str
-                 ) -> np.ndarray:
-    """The best checkpoint's logits on every training example, in the split's stored order
-    (what distillation reads; lmjax/train/distill.py). One process."""
+def train_logits(*, task: Task, config: TrainConfig, mesh: Mesh, rules, workdir: str,
+                 texts: list[str] | None = None) -> np.ndarray:
+    """The best checkpoint's logits on every training example, in the split's stored order,
+    or on each of `texts` encoded as the training split is (what distillation reads;
+    lmjax/train/distill.py). One process."""
     if not isinstance(task, ClassifyTask) or jax.process_count() > 1:
         raise ValueError("--train_logits needs a classification run (train.task = 'classify' "
                          "or 'bert_finetune') in one process")
+    if texts is not None and task.data.encode is None:
+        raise ValueError("--texts needs a run whose data encodes raw text (classify_dataset "
+                         "or bert_finetune)")
+    examples = task.data.train if texts is None else task.data.encode(texts)
     abstract = abstract_params(task, mesh, rules)
     rows = config.eval_rows
-    batches = classification_eval_batches(task.data.train, rows, len(task.data.train))
+    batches = classification_eval_batches(examples, rows, len(examples))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params, step = best_params(workdir, abstract)
         logits_fn = jax.jit(task.logits, in_shardings=(
             jax.tree.map(lambda x: x.sharding, abstract), batch_sharding(mesh)))
         out = [np.asarray(logits_fn(params, batch))
                for batch in tqdm(batches, desc="train logits", unit="batch")]
-    print(f"train logits: step {step}, {len(task.data.train)} examples")
-    return np.concatenate(out)[: len(task.data.train)]
+    print(f"train logits: step {step}, {len(examples)} examples")
+    return np.concatenate(out)[: len(examples)]
