@@ -80,8 +80,9 @@ def pretrain(args) -> None:
     record = {**_train(workdir, PRETRAIN, args.gin_param), **_evals(workdir)[-1]}
     _save(f"pretrain {workdir.name}", record)
     curve(args)
+    nsp = f"{record['nsp_accuracy']:.3f}" if "nsp_accuracy" in record else "-"  # NSP off
     print(f"| pretrain | {record['step']} | {record['mlm_loss']:.3f} | "
-          f"{record['mlm_accuracy']:.3f} | {record['nsp_accuracy']:.3f} | {record['wall_s']:.0f} |")
+          f"{record['mlm_accuracy']:.3f} | {nsp} | {record['wall_s']:.0f} |")
 
 
 def curve(args) -> None:
@@ -159,9 +160,9 @@ def table(args) -> None:
     results = json.loads(RESULTS.read_text())
     for key, r in sorted(results.items()):
         if key.startswith("pretrain "):
+            nsp = f"{r['nsp_accuracy']:.3f}" if "nsp_accuracy" in r else "- (off)"
             print(f"pretraining ({key}): step {r['step']}, MLM loss {r['mlm_loss']:.3f}, MLM "
-                  f"accuracy {r['mlm_accuracy']:.3f}, NSP accuracy {r['nsp_accuracy']:.3f}, "
-                  f"{r['wall_s']:.0f} s")
+                  f"accuracy {r['mlm_accuracy']:.3f}, NSP accuracy {nsp}, {r['wall_s']:.0f} s")
     print("\n| lr | batch | epochs | dev accuracy | dev F1 | best step | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for key, r in sorted(results.items()):
