@@ -153,9 +153,10 @@ class ClassificationData:
     eval: Examples
     max_length: int
     num_classes: int = 2
-    # The training split's texts as the model reads them (lowercased if configured), and
-    # texts -> Examples (labels 0) encoded like the splits: what distillation's transfer
-    # set needs (lmjax/train/distill.py). Absent for data built from token ids.
+    # The training split's texts as stored (before any lowercasing), and texts -> Examples
+    # (labels 0) encoded like the splits, lowercasing included: what distillation's
+    # transfer set needs (lmjax/train/distill.py), so a teacher and a student each apply
+    # their own preprocessing. Absent for data built from token ids.
     train_texts: list[str] | None = None
     encode: Callable[[list[str]], Examples] | None = None
 
@@ -252,7 +253,8 @@ def load_classification_data(
 
     padded = {s: encode(texts[s], [int(e["label"]) for e in splits[s]]) for s in splits}
     return ClassificationData(tok, padded["train"], padded["validation"], max_length,
-                              train_texts=texts["train"], encode=encode)
+                              train_texts=[_text(e, False) for e in splits["train"]],
+                              encode=encode)
 
 
 def _text(example: dict, lowercase: bool) -> str:

@@ -80,13 +80,11 @@ class TeacherExamples(pipelines.Examples):
     by the transfer set's (unlabelled: `labelled` False, label 0)."""
 
     def __init__(self, examples: pipelines.Examples, teacher: np.ndarray,
-                 transfer: pipelines.Examples | None = None,
-                 transfer_logits: np.ndarray | None = None):
-        parts = [examples] + ([transfer] if transfer is not None else [])
-        super().__init__(*(np.concatenate([getattr(p, f) for p in parts])
+                 transfer: tuple[pipelines.Examples, np.ndarray] | None = None):
+        parts = [(examples, teacher), *([transfer] if transfer else [])]
+        super().__init__(*(np.concatenate([getattr(e, f) for e, _ in parts])
                            for f in ("inputs", "mask", "labels")))
-        self.teacher = np.concatenate(
-            [teacher] + ([transfer_logits] if transfer is not None else [])).astype(np.float32)
+        self.teacher = np.concatenate([logits for _, logits in parts]).astype(np.float32)
         self.labelled = np.arange(len(self.labels)) < len(examples)
 
     def __getitem__(self, index):
@@ -108,7 +106,7 @@ class DistillTask(ClassifyTask):
         if teacher.shape[1] != data.num_classes:
             raise ValueError(f"the teacher has {teacher.shape[1]} classes, the student's data "
                              f"{data.num_classes}")
-        train = TeacherExamples(data.train, teacher, *(transfer or ()))
+        train = TeacherExamples(data.train, teacher, transfer)
         data = pipelines.ClassificationData(data.tokenizer, train, data.eval, data.max_length,
                                             data.num_classes)
         super().__init__(config, data)
