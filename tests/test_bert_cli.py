@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli, train_losses
 from flax import linen as nn
 
+from lmjax.data.config import PretrainDataConfig
 from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from lmjax.models import GPTConfig
 from lmjax.models.bert import BertClassifier, BertConfig
@@ -18,6 +19,7 @@ from lmjax.parallel import make_mesh
 from lmjax.train import bert_tasks
 from lmjax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
 from lmjax.train.config import TrainConfig
+from lmjax.train.registry import TASKS
 
 PRETRAIN = "--gin_file=configs/experiments/bert_tiny_e2e.gin"
 FINETUNE = "--gin_file=configs/experiments/sst2_bert_tiny_e2e.gin"
@@ -94,6 +96,55 @@ def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrai
                                   np.asarray(fresh["classifier"]["kernel"]))
 
 
+def _continue(workdir, pretrained, *params):
+    """Continued pretraining of `pretrained` on the SST-2 sentences only."""
+    return run_cli("train", f"--workdir={workdir}", PRETRAIN,
+                   f"--gin_param=pretrain_data.init_workdir='{pretrained}'",
+                   "--gin_param=pretrain_data.sources=['sst2']",
+                   "--gin_param=pretrain_data.nsp=False", *[f"--gin_param={p}" for p in params])
+
+
+def test_continued_pretraining_keeps_the_vocabulary_and_evaluates_on_sst2_dev(pretrained,
+                                                                             tmp_path):
+    workdir = tmp_path / "continued"
+    result = _continue(workdir, pretrained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"continuing the pretraining run in {pretrained}" in result.stdout
+    assert (workdir / "tokenizer" / "spm.model").read_bytes() == \
+        (pretrained / "tokenizer" / "spm.model").read_bytes()
+    evals = _records(workdir, "eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all("mlm_accuracy" in r and "nsp_accuracy" not in r for r in evals)
+
+
+def test_continued_pretraining_starts_from_every_saved_param(pretrained, tmp_path):
+    """Encoder and MLM/NSP heads equal the checkpoint's exactly."""
+    data = PretrainDataConfig(sources=("sst2",), vocab_size=400, max_seq_len=32, nsp=False,
+                              limit=12, init_workdir=str(pretrained))
+    model = BertConfig(vocab_size=400, max_len=32, num_layers=1, embed_dim=32, num_heads=2)
+    task = TASKS.get("bert_pretrain").build(model, data, str(tmp_path))
+    fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
+    loaded = task.warm_start(fresh)
+    checkpoints = Checkpointer(str(pretrained / "checkpoints"), read_only=True)
+    step = checkpoints.best_step()
+    checkpoints.close()
+    saved = ocp.PyTreeCheckpointer().restore(str(pretrained / "checkpoints" / str(step) /
+                                                 "state"))["params"]
+    assert set(loaded) == set(saved) and len(loaded) > 1  # heads too, not only "bert"
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh), strict=True)]
+    assert sum(changed) > len(changed) // 2
+
+
+def test_continued_pretraining_of_another_architecture_is_refused(pretrained, tmp_path):
+    result = _continue(tmp_path / "deeper", pretrained, "BertConfig.num_layers=2")
+    assert result.returncode != 0
+    assert "num_layers 1 in the checkpoint but 2 in the config" in result.stderr
+    assert not os.path.exists(tmp_path / "deeper" / "metrics.jsonl")
+
+
 def test_checkpoint_of_another_architecture_names_what_differs(pretrained, tmp_path):
     result = _finetune(tmp_path / "wide", pretrained, "BertConfig.num_layers=2",
                        "BertConfig.embed_dim=64")
@@ -124,4 +175,4 @@ def test_a_gpt_checkpoint_is_not_a_bert(tmp_path):
     model = BertClassifier(BertConfig(vocab_size=65, num_layers=1, embed_dim=32, num_heads=2))
     params = nn.unbox(model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
     with pytest.raises(IncompatibleCheckpointError, match="not a BERT pretraining checkpoint"):
-        bert_tasks.load_pretrained_encoder(str(tmp_path / "gpt"), params["bert"])
+        bert_tasks.load_pretrained(str(tmp_path / "gpt"), params["bert"])

@@ -163,3 +163,31 @@ def test_without_nsp_segment_b_always_continues_and_nothing_is_scored():
     inst = bert_data.make_instances(docs, [], PairConfig(max_seq_len=64, nsp=False), 0)
     assert len(inst) > 100
     assert not inst.nsp_labels.any() and not inst.nsp_weights.any()
+
+
+def test_short_sequences_first_then_full_length_and_resumes_across_the_switch():
+    """The phased iterator reads `steps` batches of short rows, then full-length ones (the
+    same batches a run without the schedule reads), and a restored state continues
+    exactly, across the switch too."""
+    docs = _synthetic_docs(seed=4, num_docs=60)
+    mask = MaskConfig(vocab_size=VOCAB, max_predictions=bert_data.pad_predictions(64))
+    full = bert_data.make_instances(docs, [], PairConfig(max_seq_len=64), 0)
+    short = bert_data.make_instances(docs, [], PairConfig(max_seq_len=16), 0)
+    phase = bert_data.ShortPhase(short, MaskConfig(vocab_size=VOCAB, max_predictions=3), 3)
+    data = bert_data.PretrainData(None, full, full, mask, phase)
+    batches = list(zip(range(6), data.train_iterator(8, seed=5), strict=False))
+    assert [b["tokens"].shape for _, b in batches] == [(8, 16)] * 3 + [(8, 64)] * 3
+    assert [b["masked_positions"].shape[1] for _, b in batches] == [3] * 3 + [10] * 3
+    plain = bert_data.PretrainData(None, full, full, mask).train_iterator(8, seed=5)
+    for (_, got), want in zip(batches[3:], plain, strict=False):
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    for stop in (2, 4):  # before and after the switch
+        first = data.train_iterator(8, seed=5)
+        for _ in range(stop):
+            next(first)
+        resumed = data.train_iterator(8, seed=5)
+        resumed.set_state(first.get_state())
+        for index in range(stop, 6):
+            got = next(resumed)
+            for key in ("tokens", "masked_positions", "masked_labels"):
+                np.testing.assert_array_equal(got[key], batches[index][1][key])

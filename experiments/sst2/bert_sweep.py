@@ -1,8 +1,12 @@
 """BERT on SST-2: pretrain on the offline corpus, sweep fine-tuning, compare with scratch.
 
     python experiments/sst2/bert_sweep.py pretrain [--workdir=runs/bert_pretrain_offline]
+    python experiments/sst2/bert_sweep.py pretrain --workdir=runs/bert_sst2_continued \
+        --config=configs/experiments/bert_pretrain_sst2_continued.gin \
+        --gin_param="pretrain_data.init_workdir='runs/bert_pretrain_nonsp'"
     python experiments/sst2/bert_sweep.py sweep --lrs=1e-4,3e-4 --batch_sizes=16,32 --epochs=1
     python experiments/sst2/bert_sweep.py compare --lr=1e-4 --batch_size=32 --seeds=1,2,3
+    python experiments/sst2/bert_sweep.py compare --limit=2000 --epochs=10  # fewer labels
     python experiments/sst2/bert_sweep.py table   # all recorded runs as markdown
     python experiments/sst2/bert_sweep.py curve --workdir=runs/bert_pretrain_offline  # PNG
 
@@ -64,20 +68,23 @@ def _train(workdir: Path, config: str, params: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "best_step": best["step"], **best}
 
 
-def _finetune_params(pretrained: Path, lr: float, batch: int, epochs: float, seed: int):
-    steps = max(1, round(epochs * TRAIN_SENTENCES / batch))
+def _finetune_params(pretrained: Path, lr: float, batch: int, epochs: float, seed: int,
+                     limit: int | None = None):
+    """Bindings for `epochs` passes over the training sentences (the first `limit` only,
+    for the fewer-labels runs)."""
+    steps = max(1, round(epochs * (limit or TRAIN_SENTENCES) / batch))
     every = max(1, steps // 4)
     return [f"finetune.init_workdir='{pretrained}'", f"train.learning_rate={lr}",
             f"train.batch_size={batch}", f"train.num_steps={steps}",
             f"train.warmup_steps={steps // 10}", f"train.eval_every={every}",
             f"train.checkpoint_every={every}", "train.eval_batch_size=32",
-            f"train.seed={seed}"]
+            f"train.seed={seed}"] + ([f"finetune.limit={limit}"] if limit else [])
 
 
 def pretrain(args) -> None:
     """Records the last evaluation (the run's end), not the best one."""
     workdir = Path(args.workdir)
-    record = {**_train(workdir, PRETRAIN, args.gin_param), **_evals(workdir)[-1]}
+    record = {**_train(workdir, args.config, args.gin_param), **_evals(workdir)[-1]}
     _save(f"pretrain {workdir.name}", record)
     curve(args)
     nsp = f"{record['nsp_accuracy']:.3f}" if "nsp_accuracy" in record else "-"  # NSP off
@@ -137,12 +144,15 @@ def compare(args) -> None:
     for label in args.inits.split(","):
         config, accuracies = configs[label], []
         for seed in map(int, args.seeds.split(",")):
-            name = f"{label}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs:g}_seed{seed}"
+            labels = f"_n{args.limit}" if args.limit else ""
+            name = (f"{label}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs:g}{labels}"
+                    f"_seed{seed}")
             key = f"{Path(args.runs).name}/{name}"  # runs of other encoders keep their records
             params = _finetune_params(Path(args.pretrained), args.lr, args.batch_size,
-                                      args.epochs, seed)
+                                      args.epochs, seed, args.limit)
             record = _train(Path(args.runs) / name, config, params + args.gin_param)
-            _save(key, {"init": label, "seed": seed, "pretrained": args.pretrained, **record})
+            _save(key, {"init": label, "seed": seed, "pretrained": args.pretrained,
+                        "limit": args.limit, **record})
             accuracies.append(record["accuracy"])
         table[label] = accuracies
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores")
@@ -191,6 +201,8 @@ def main() -> None:
     c = sub.add_parser("curve")
     for s in (p, c):
         s.add_argument("--workdir", default=str(REPO / "runs" / "bert_pretrain_offline"))
+    p.add_argument("--config", default=PRETRAIN,
+                   help="the pretraining gin file (e.g. bert_pretrain_sst2_continued.gin)")
     for name in ("sweep", "compare"):
         s = sub.add_parser(name)
         s.add_argument("--pretrained", default=str(REPO / "runs" / "bert_pretrain_offline"))
@@ -205,6 +217,8 @@ def main() -> None:
     compare_p.add_argument("--seeds", default="1,2,3")
     compare_p.add_argument("--inits", default="pretrained,scratch",
                            help="which encoders: pretrained, scratch or both")
+    compare_p.add_argument("--limit", type=int, default=None,
+                           help="fine-tune on the first N training sentences only")
     for s in sub.choices.values():
         s.add_argument("--gin_param", action="append", default=[])  # added to every run
     sub.add_parser("table")

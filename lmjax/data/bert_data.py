@@ -79,18 +79,20 @@ class Corpus:
 
 def load_corpus(sources: tuple[str, ...], tfds_dir: str | None = None,
                 limit: int | None = None) -> tuple[Corpus, Corpus]:
-    """(train, held-out) corpora from prepared tfds datasets; every 10th document held out.
+    """(train, held-out) corpora from prepared tfds datasets: every 10th document is held
+    out, and a source of loose sentences holds out its own validation split (SST-2 dev).
 
     `limit` keeps the first `limit` documents (and sentences) of each source, for tiny runs.
     """
     train, held = Corpus([], []), Corpus([], [])
     for name in sources:
         builders.prepare(name, tfds_dir)
-        docs, sentences = _SOURCES[name](tfds_dir)
-        docs, sentences = docs[:limit], sentences[:limit]
+        docs, sentences, held_sentences = _SOURCES[name](tfds_dir)
+        docs = docs[:limit]
         train.documents += [d for i, d in enumerate(docs) if i % 10 != 9]
         held.documents += [d for i, d in enumerate(docs) if i % 10 == 9]
-        train.sentences += sentences
+        train.sentences += sentences[:limit]
+        held.sentences += held_sentences[:limit]
     return train, held
 
 
@@ -99,19 +101,23 @@ def _wikitext(tfds_dir):
     for split in ("validation", "test"):
         articles += [ex["text"].decode("utf-8")
                      for ex in builders.read_examples("wikitext2", split, tfds_dir)]
-    return wikitext_documents(articles), []
+    return wikitext_documents(articles), [], []
 
 
 def _shakespeare(tfds_dir):
     text = "".join(builders.read_text("tiny_shakespeare", s, tfds_dir)
                    for s in ("train", "validation", "test"))
-    return shakespeare_documents(text), []
+    return shakespeare_documents(text), [], []
 
 
 def _sst2(tfds_dir):
-    """SST-2 training sentences without labels, deduplicated, as extra MLM text."""
-    rows = builders.read_examples("sst2", "train", tfds_dir)
-    return [], list(dict.fromkeys(ex["text"].decode("utf-8") for ex in rows))
+    """SST-2 sentences without labels, deduplicated, as MLM text: the training split to
+    train on, the dev split held out (so an SST-2-only run has held-out text too)."""
+    def sentences(split):
+        rows = builders.read_examples("sst2", split, tfds_dir)
+        return list(dict.fromkeys(ex["text"].decode("utf-8") for ex in rows))
+
+    return [], sentences("train"), sentences("validation")
 
 
 _SOURCES = {"wikitext2": _wikitext, "tiny_shakespeare": _shakespeare, "sst2": _sst2}
@@ -367,12 +373,56 @@ def pretrain_eval_batches(instances: Instances, global_batch: int, num_batches: 
     return [ds[i] for i in range(num_batches)]
 
 
+class PhasedIterator:
+    """`first` for the first `steps` batches, then `then` (the short-sequences-first
+    schedule); checkpointable like grain's iterators, so a resumed run picks up in the
+    right phase at the right batch."""
+
+    def __init__(self, first, then, steps: int):
+        self.first, self.then, self.steps, self.count = first, then, steps, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        source = self.first if self.count < self.steps else self.then
+        self.count += 1
+        return next(source)
+
+    def get_state(self) -> dict:
+        return {"count": self.count, "first": self.first.get_state(),
+                "then": self.then.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.count = state["count"]
+        self.first.set_state(state["first"])
+        self.then.set_state(state["then"])
+
+
+@dataclasses.dataclass
+class ShortPhase:
+    """Training rows packed to a shorter length, read for the first `steps` batches (BERT
+    spent 90% of its steps on 128 tokens before going to 512)."""
+
+    train: Instances
+    mask: MaskConfig
+    steps: int
+
+
 @dataclasses.dataclass
 class PretrainData:
     tokenizer: SentencePieceTokenizer
     train: Instances
     eval: Instances
     mask: MaskConfig
+    short: ShortPhase | None = None
+
+    def train_iterator(self, global_batch: int, seed: int):
+        full = pretrain_iterator(self.train, global_batch, seed, self.mask)
+        if self.short is None:
+            return full
+        short = pretrain_iterator(self.short.train, global_batch, seed, self.short.mask)
+        return PhasedIterator(short, full, self.short.steps)
 
 
 def load_pretrain_data(
@@ -381,12 +431,16 @@ def load_pretrain_data(
     vocab_size: int = 8000,
     pairs: PairConfig = PairConfig(),
     whole_word_mask: bool = False,
+    short_seq_len: int | None = None,
+    short_steps: int = 0,
     seed: int = 12345,
     limit: int | None = None,
     tfds_dir: str | None = None,
     tokenizer_dir: str | None = None,
 ) -> PretrainData:
-    """Corpus -> vocabulary (saved to `tokenizer_dir`) -> packed NSP pairs, train and held out."""
+    """Corpus -> vocabulary (saved to `tokenizer_dir`) -> packed NSP pairs, train and held out;
+    with `short_seq_len`, the training rows packed to that length too, for the first
+    `short_steps` batches."""
     train, held = load_corpus(sources, tfds_dir, limit)
     tok = bert_tokenizer(train, vocab_size, tokenizer_dir)
 
@@ -395,11 +449,19 @@ def load_pretrain_data(
 
     train_rows = make_instances(encode_docs(train.documents),
                                 [tok.encode(s) for s in train.sentences], pairs, seed)
-    eval_rows = make_instances(encode_docs(held.documents), [],
+    eval_rows = make_instances(encode_docs(held.documents),
+                               [tok.encode(s) for s in held.sentences],
                                dataclasses.replace(pairs, dupe_factor=1), seed + 1)
     starts = None
     if whole_word_mask:
         starts = tuple(tok.id_to_piece(i).startswith("\u2581") for i in range(tok.vocab_size))
     mask = MaskConfig(vocab_size=tok.vocab_size, special_ids=tuple(tok.special_ids.tolist()),
                       max_predictions=pad_predictions(pairs.max_seq_len), word_starts=starts)
-    return PretrainData(tok, train_rows, eval_rows, mask)
+    short = None
+    if short_seq_len is not None:
+        short_pairs = dataclasses.replace(pairs, max_seq_len=short_seq_len)
+        short_rows = make_instances(encode_docs(train.documents),
+                                    [tok.encode(s) for s in train.sentences], short_pairs, seed)
+        short_mask = dataclasses.replace(mask, max_predictions=pad_predictions(short_seq_len))
+        short = ShortPhase(short_rows, short_mask, short_steps)
+    return PretrainData(tok, train_rows, eval_rows, mask, short)

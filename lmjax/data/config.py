@@ -39,9 +39,30 @@ class PretrainDataConfig:
     dupe_factor: int = 5
     nsp: bool = True  # next-sentence prediction; False: contiguous segments, MLM only
     whole_word_mask: bool = False  # mask all pieces of a word together
+    # Short sequences first (BERT): the first `short_steps` batches are packed to
+    # `short_seq_len` tokens, the rest to `max_seq_len` (evaluation always uses max_seq_len).
+    short_seq_len: int | None = None
+    short_steps: int = 0
+    # Continued pretraining: start from this bert_pretrain run's best checkpoint (all
+    # params) with its vocabulary, e.g. in-domain on `sources = ['sst2']`.
+    init_workdir: str | None = None
     seed: int = 12345
     limit: int | None = None  # first documents of each source only (tests)
     tfds_dir: str | None = None
+
+    def __post_init__(self):
+        if self.short_seq_len is None and self.short_steps:
+            raise ValueError("pretrain_data.short_steps is set but pretrain_data.short_seq_len "
+                             "is not: bind both for a short-sequences-first schedule")
+        if self.short_seq_len is not None:
+            if not 5 <= self.short_seq_len < self.max_seq_len:
+                raise ValueError(
+                    f"pretrain_data.short_seq_len={self.short_seq_len} must be at least 5 (a "
+                    f"pair of tokens and [CLS] [SEP] [SEP]) and below max_seq_len="
+                    f"{self.max_seq_len}")
+            if self.short_steps <= 0:
+                raise ValueError("pretrain_data.short_seq_len needs pretrain_data.short_steps "
+                                 f"> 0 (batches of short rows), got {self.short_steps}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Fine-tuning reads the best checkpoint of the pretraining workdir, checks that it is a
 BERT of the configured architecture and vocabulary (a clear error names what differs),
 copies its encoder (`bert/...`: embeddings, blocks, pooler) and trains a new
-classification head on top.
+classification head on top. Continued pretraining (`pretrain_data.init_workdir`) reads
+all of a pretraining run's params, heads included, and keeps its vocabulary.
 """
 
 import os
@@ -52,9 +53,19 @@ def pretrain_metrics(sums: dict) -> dict:
 class BertPretrainTask(Task):
     """Masked language modelling + next sentence prediction (Devlin et al. 2019)."""
 
-    def __init__(self, config: BertConfig, data: bert_data.PretrainData, length: int):
+    def __init__(self, config: BertConfig, data: bert_data.PretrainData, length: int,
+                 init_workdir: str | None = None):
         self.config, self.data, self.length = config, data, length
         self.model = BertPretrain(config)
+        self.init_workdir = init_workdir
+
+    def warm_start(self, params):
+        """Continued pretraining: every parameter (encoder and MLM/NSP heads) from the best
+        checkpoint of `init_workdir`; the optimiser and learning-rate schedule start anew."""
+        if self.init_workdir is None:
+            return params
+        print(f"continuing the pretraining run in {self.init_workdir}")
+        return load_pretrained(self.init_workdir, params, subtree=None)
 
     def init_args(self):
         predictions = self.data.mask.max_predictions
@@ -85,7 +96,7 @@ class BertPretrainTask(Task):
         return pretrain_metrics(sums)
 
     def train_iterator(self, batch_size, seed):
-        return bert_data.pretrain_iterator(self.data.train, batch_size, seed, self.data.mask)
+        return self.data.train_iterator(batch_size, seed)
 
     def eval_batches(self, batch_size, num_batches, seed):
         return bert_data.pretrain_eval_batches(self.data.eval, batch_size, num_batches, seed,
@@ -106,7 +117,7 @@ class BertFinetuneTask(ClassifyTask):
         """Params with the pretrained encoder in place of the fresh one (head stays fresh)."""
         if self.init_workdir is None:
             return params
-        encoder = load_pretrained_encoder(self.init_workdir, params["bert"])
+        encoder = load_pretrained(self.init_workdir, params["bert"])
         print(f"fine-tuning from the pretrained encoder in {self.init_workdir}")
         return {**params, "bert": encoder}
 
@@ -143,7 +154,7 @@ def check_encoder(saved: dict, wanted: dict, where: str) -> None:
         raise IncompatibleCheckpointError(
             f"the checkpoint in {where} is not a BERT pretraining checkpoint (its parameters "
             f"are {', '.join(sorted(saved)[:4])}, ...; a BERT one has bert/word/embedding, "
-            "bert/block0/...). Point finetune.init_workdir at a bert_pretrain run.")
+            "bert/block0/...). Point the init_workdir binding at a bert_pretrain run.")
     have, want = describe(saved), describe(wanted)
     diffs = [f"{k} {have[k]} in the checkpoint but {want[k]} in the config"
              for k in have if have[k] != want[k]]
@@ -159,27 +170,31 @@ def check_encoder(saved: dict, wanted: dict, where: str) -> None:
             "pretraining run (see its config.gin).")
 
 
-def load_pretrained_encoder(workdir: str, target):
-    """The `bert/...` params of the best (else latest) checkpoint, placed like `target`.
+def load_pretrained(workdir: str, target, subtree: str | None = "bert"):
+    """The params of the best (else latest) checkpoint of a BERT pretraining run, placed
+    like `target`: its encoder (`bert/...`, for fine-tuning) or, with `subtree=None`, all
+    of them (encoder and pretraining heads, to continue pretraining).
 
-    Reads only the encoder, straight onto the shardings of `target` (the fresh model's
-    encoder), so any mesh can fine-tune any pretraining run.
+    Reads straight onto the shardings of `target` (the fresh model's params), so any mesh
+    can start from any pretraining run.
     """
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(
-            f"finetune.init_workdir={workdir} has no checkpoint; run the pretraining first "
+            f"{workdir} has no checkpoint; run the pretraining first "
             "(configs/experiments/bert_pretrain_offline.gin)")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    wanted = flat_shapes(target["bert"] if subtree is None else target)
 
     def check(saved: dict) -> None:
         encoder = {k.removeprefix("bert/"): v for k, v in saved.items() if k.startswith("bert/")}
-        check_encoder(encoder or saved, flat_shapes(target), workdir)
+        check_encoder(encoder or saved, wanted, workdir)
 
-    return best_params(workdir, abstract, "bert", check=check)[0]
+    return best_params(workdir, abstract, subtree, check=check)[0]
 
 
-def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:
+def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str,
+                          binding: str = "finetune.init_workdir") -> None:
     """A fine-tuning workdir's saved tokenizer must be the pretraining run's."""
     mine = os.path.join(tokenizer_dir, "spm.model")
     theirs = os.path.join(pretrained_dir, "spm.model")
@@ -188,21 +203,23 @@ def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str) -> None:
             if a.read() != b.read():
                 raise IncompatibleCheckpointError(
                     f"vocabulary differs: the tokenizer in {tokenizer_dir} is not the one of "
-                    f"the pretraining run ({pretrained_dir}). Fine-tune in a new --workdir or "
-                    "point finetune.init_workdir at the run this workdir started from.")
+                    f"the pretraining run ({pretrained_dir}). Train in a new --workdir or "
+                    f"point {binding} at the run this workdir started from.")
 
 
-def finetune_tokenizer(tokenizer_dir: str | None, pretrained_dir: str | None):
-    """The pretraining run's vocabulary, copied into (or checked against) this run's."""
+def pretrained_tokenizer(tokenizer_dir: str | None, pretrained_dir: str | None,
+                       binding: str = "finetune.init_workdir"):
+    """The pretraining run's vocabulary, copied into (or checked against) this run's;
+    `binding` names the setting that points at that run, for the errors."""
     mine = tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
     theirs = pretrained_dir and os.path.exists(os.path.join(pretrained_dir, "tokenizer.json"))
     if mine and theirs:
-        check_same_vocabulary(tokenizer_dir, pretrained_dir)
+        check_same_vocabulary(tokenizer_dir, pretrained_dir, binding)
     if not (mine or theirs):
         raise FileNotFoundError(
-            f"no BERT vocabulary: {pretrained_dir or 'finetune.init_workdir (unset)'} has no "
-            "tokenizer. Set finetune.init_workdir to a bert_pretrain workdir (its vocabulary "
-            "is used even with finetune.init_params=False).")
+            f"no BERT vocabulary: {pretrained_dir or binding + ' (unset)'} has no "
+            f"tokenizer. Set {binding} to a bert_pretrain workdir (for fine-tuning its "
+            "vocabulary is used even with finetune.init_params=False).")
     tok = load_tokenizer(tokenizer_dir if mine else pretrained_dir)
     bert_data.check_specials(tok)
     if tokenizer_dir and not mine:

@@ -103,26 +103,44 @@ def _require_bert(model, task: str) -> None:
                          f"{type(model).__name__}")
 
 
+def _short_steps(config: PretrainDataConfig) -> int:
+    """pretrain_data.short_steps, checked against train.steps_per_call: one compiled call
+    runs batches of one length, so the switch must fall between calls."""
+    from lmjax import configs
+    from lmjax.train.config import TrainConfig
+
+    per_call = configs.bound(TrainConfig).steps_per_call
+    if config.short_steps % per_call:
+        raise ValueError(f"pretrain_data.short_steps={config.short_steps} must be a multiple "
+                         f"of train.steps_per_call={per_call}")
+    return config.short_steps
+
+
 def _bert_pretrain(model, config: PretrainDataConfig, workdir: str) -> tasks.Task:
     _require_bert(model, "bert_pretrain")
     pairs = bert_data.PairConfig(config.max_seq_len, config.short_seq_prob, config.dupe_factor,
                                  config.nsp)
+    if config.init_workdir:  # continued pretraining keeps the run's vocabulary
+        bert_tasks.pretrained_tokenizer(tokenizer_dir(workdir),
+                                        tokenizer_dir(config.init_workdir),
+                                        "pretrain_data.init_workdir")
     data = bert_data.load_pretrain_data(
         sources=tuple(config.sources), vocab_size=config.vocab_size, pairs=pairs,
-        whole_word_mask=config.whole_word_mask,
+        whole_word_mask=config.whole_word_mask, short_seq_len=config.short_seq_len,
+        short_steps=_short_steps(config),
         seed=config.seed, limit=config.limit, tfds_dir=config.tfds_dir,
         tokenizer_dir=tokenizer_dir(workdir))
     length = data.train.tokens.shape[1]
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
                                 max_len=max(model.max_len, length))
-    return bert_tasks.BertPretrainTask(model, data, length)
+    return bert_tasks.BertPretrainTask(model, data, length, config.init_workdir)
 
 
 def _bert_finetune(model, config: FinetuneConfig, workdir: str) -> tasks.Task:
     """SST-2 with the pretraining run's vocabulary; its encoder too with `init_params`."""
     _require_bert(model, "bert_finetune")
     init_dir = config.init_workdir and tokenizer_dir(config.init_workdir)
-    tokenizer = bert_tasks.finetune_tokenizer(tokenizer_dir(workdir), init_dir)
+    tokenizer = bert_tasks.pretrained_tokenizer(tokenizer_dir(workdir), init_dir)
     data = bert_tasks.finetune_data(tokenizer, config.max_length, config.tfds_dir, config.limit)
     model = dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size,
                                 num_classes=data.num_classes,
