@@ -80,7 +80,7 @@ class Corpus:
 def load_corpus(sources: tuple[str, ...], tfds_dir: str | None = None,
                 limit: int | None = None) -> tuple[Corpus, Corpus]:
     """(train, held-out) corpora from prepared tfds datasets: every 10th document is held
-    out, and a source of loose sentences holds out its own validation split (SST-2 dev).
+    out, and a source of loose sentences holds out its validation split (SST-2 dev).
 
     `limit` keeps the first `limit` documents (and sentences) of each source, for tiny runs.
     """
@@ -449,8 +449,12 @@ def load_pretrain_data(
 
     train_rows = make_instances(encode_docs(train.documents),
                                 [tok.encode(s) for s in train.sentences], pairs, seed)
+    # Held-out text is the held-out documents; a corpus of loose sentences only (SST-2
+    # alone, for continued pretraining) is scored on its held-out sentences instead. The
+    # general corpus's figures stay those of held-out documents.
+    held_sentences = [] if held.documents else held.sentences
     eval_rows = make_instances(encode_docs(held.documents),
-                               [tok.encode(s) for s in held.sentences],
+                               [tok.encode(s) for s in held_sentences],
                                dataclasses.replace(pairs, dupe_factor=1), seed + 1)
     starts = None
     if whole_word_mask:
