@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli, train_losses
 from flax import linen as nn
 
+from lmjax.data import bert_data
 from lmjax.data.config import PretrainDataConfig
 from lmjax.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from lmjax.models import GPTConfig
@@ -115,6 +116,20 @@ def test_continued_pretraining_keeps_the_vocabulary_and_evaluates_on_sst2_dev(pr
     evals = _records(workdir, "eval")
     assert [r["step"] for r in evals] == [3, 6]
     assert all("mlm_accuracy" in r and "nsp_accuracy" not in r for r in evals)
+
+
+def test_held_out_text_is_documents_unless_the_corpus_has_none():
+    """The general corpus is scored on held-out documents only (NSP-labelled pairs); SST-2
+    alone on its dev sentences (MLM-only rows), never on its training sentences."""
+    pairs = bert_data.PairConfig(max_seq_len=32, dupe_factor=1)
+    general = bert_data.load_pretrain_data(sources=("wikitext2", "sst2"), vocab_size=400,
+                                           pairs=pairs, limit=12)
+    assert len(general.eval) and np.all(general.eval.nsp_weights == 1)
+    sst2 = bert_data.load_pretrain_data(sources=("sst2",), vocab_size=100, pairs=pairs,
+                                        limit=50)
+    assert len(sst2.eval) and np.all(sst2.eval.nsp_weights == 0)
+    train_rows = {tuple(row) for row in sst2.train.tokens}
+    assert not any(tuple(row) in train_rows for row in sst2.eval.tokens)
 
 
 def test_continued_pretraining_starts_from_every_saved_param(pretrained, tmp_path):
