@@ -69,6 +69,15 @@ def test_pretrain_finetune_and_eval(pretrained, tmp_path):
     assert f"accuracy {best['accuracy']:.4f}, f1 {best['f1']:.4f}" in evaluated.stdout
 
 
+def _best_saved_params(workdir):
+    """The params of the best checkpoint, read by orbax directly (not through lmjax)."""
+    checkpoints = Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    step = checkpoints.best_step()
+    checkpoints.close()
+    path = str(workdir / "checkpoints" / str(step) / "state")
+    return ocp.PyTreeCheckpointer().restore(path)["params"]
+
+
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["same_layout", "scanned"])
 def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrained, scan_layers):
     """The fine-tuning params equal the checkpoint's encoder exactly (stacked when the
@@ -82,11 +91,7 @@ def test_warm_start_copies_the_pretrained_encoder_and_keeps_a_fresh_head(pretrai
     task = bert_tasks.BertFinetuneTask(config, data, str(pretrained))
     fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
     loaded = task.warm_start(fresh)
-    checkpoints = Checkpointer(str(pretrained / "checkpoints"), read_only=True)
-    step = checkpoints.best_step()
-    checkpoints.close()
-    saved = ocp.PyTreeCheckpointer().restore(str(pretrained / "checkpoints" / str(step) /
-                                                 "state"))["params"]["bert"]
+    saved = _best_saved_params(pretrained)["bert"]
     if scan_layers:
         saved = stack_layers(saved, 1)
     for a, b in zip(jax.tree.leaves(loaded["bert"]), jax.tree.leaves(saved), strict=True):
@@ -140,11 +145,7 @@ def test_continued_pretraining_starts_from_every_saved_param(pretrained, tmp_pat
     task = TASKS.get("bert_pretrain").build(model, data, str(tmp_path))
     fresh = nn.unbox(task.model.init(jax.random.key(0), *task.init_args())["params"])
     loaded = task.warm_start(fresh)
-    checkpoints = Checkpointer(str(pretrained / "checkpoints"), read_only=True)
-    step = checkpoints.best_step()
-    checkpoints.close()
-    saved = ocp.PyTreeCheckpointer().restore(str(pretrained / "checkpoints" / str(step) /
-                                                 "state"))["params"]
+    saved = _best_saved_params(pretrained)
     assert set(loaded) == set(saved) and len(loaded) > 1  # heads too, not only "bert"
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
