@@ -447,8 +447,8 @@ def load_pretrain_data(
     def encode_docs(docs):
         return [[tok.encode(s) for s in d] for d in docs]
 
-    train_rows = make_instances(encode_docs(train.documents),
-                                [tok.encode(s) for s in train.sentences], pairs, seed)
+    docs, sentences = encode_docs(train.documents), [tok.encode(s) for s in train.sentences]
+    train_rows = make_instances(docs, sentences, pairs, seed)
     # Held-out text is the held-out documents; a corpus of loose sentences only (SST-2
     # alone, for continued pretraining) is scored on its held-out sentences instead. The
     # general corpus's figures stay those of held-out documents.
@@ -464,8 +464,7 @@ def load_pretrain_data(
     short = None
     if short_seq_len is not None:
         short_pairs = dataclasses.replace(pairs, max_seq_len=short_seq_len)
-        short_rows = make_instances(encode_docs(train.documents),
-                                    [tok.encode(s) for s in train.sentences], short_pairs, seed)
+        short_rows = make_instances(docs, sentences, short_pairs, seed)
         short_mask = dataclasses.replace(mask, max_predictions=pad_predictions(short_seq_len))
         short = ShortPhase(short_rows, short_mask, short_steps)
     return PretrainData(tok, train_rows, eval_rows, mask, short)

@@ -208,7 +208,7 @@ def check_same_vocabulary(tokenizer_dir: str, pretrained_dir: str,
 
 
 def pretrained_tokenizer(tokenizer_dir: str | None, pretrained_dir: str | None,
-                       binding: str = "finetune.init_workdir"):
+                         binding: str = "finetune.init_workdir"):
     """The pretraining run's vocabulary, copied into (or checked against) this run's;
     `binding` names the setting that points at that run, for the errors."""
     mine = tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json"))
